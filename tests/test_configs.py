@@ -1,0 +1,43 @@
+"""Every option of every config group composes, and what it describes can be built."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import lightning as L
+import pytest
+import torch
+
+from digit_lightning.config import CONFIG_DIR, compose_config
+from digit_lightning.module import DigitClassifier, build_model
+from digit_lightning.train import instantiate_group
+
+GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "debug", "experiment"]
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
+NEEDS_GPU = {("trainer", "gpu")}
+
+
+def test_every_group_has_options():
+    assert {g for g, _ in OPTIONS} == set(GROUPS)
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_option_composes_and_instantiates(make_cfg, group: str, option: str):
+    if (group, option) in NEEDS_GPU and not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    cfg = make_cfg(f"{group}={option}")
+    assert isinstance(hydra.utils.instantiate(cfg.data), L.LightningDataModule)
+    assert isinstance(build_model(cfg.model), DigitClassifier)
+    trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
+    )
+    assert isinstance(trainer, L.Trainer)
+
+
+def test_defaults_are_the_tutorials():
+    cfg = compose_config(["paths.output_dir=/tmp/x"])
+    assert cfg.data.batch_size == 16
+    assert cfg.model.optimizer._target_ == "torch.optim.Adam" and cfg.model.optimizer.lr == 1e-3
+    assert cfg.trainer.max_epochs == 10 and cfg.trainer.accelerator == "auto"
+    assert cfg.optimized_metric == "val/acc_best" and cfg.train and cfg.test and cfg.ckpt_path is None
