@@ -1,0 +1,26 @@
+"""A wheel install (not only the editable one) finds its Hydra configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_ships_and_uses_its_configs(tmp_path: Path):
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
+    wheel = next((tmp_path / "dist").glob("digit_lightning-*.whl"))
+    assert "digit_lightning/conf/train.yaml" in zipfile.ZipFile(wheel).namelist()
+
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
+    code = "from digit_lightning.config import CONFIG_DIR, compose_config; compose_config(); print(CONFIG_DIR)"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == site / "digit_lightning" / "conf"
