@@ -120,7 +120,10 @@ class Dashboards(L.Callback):
         if trainer.sanity_checking or logger is None or not trainer.is_global_zero:
             return
         step = trainer.global_step
-        add_figure(logger, "val/confusion_matrix", confusion_figure(self.confusion.compute(), "validation"), step)
+        matrix = confusion_figure(
+            self.confusion.compute(), f"validation confusion matrix, epoch {trainer.current_epoch}"
+        )
+        add_figure(logger, "val/confusion_matrix", matrix, step)
         if self.wrong is not None:
             keep = self.wrong["wrong"].cpu()
             images, truth, preds = (self.wrong[k].cpu()[keep] for k in ("x", "y", "pred"))

@@ -138,7 +138,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         logger.save()
     if (tb := tensorboard(trainer)) is not None:
         add_figure(
-            tb, "test/confusion_matrix", confusion_figure(torch.tensor(result["confusion_matrix"]["counts"]), "test"), 0
+            tb,
+            "test/confusion_matrix",
+            confusion_figure(torch.tensor(result["confusion_matrix"]["counts"]), "test confusion matrix"),
+            0,
         )
         tb.experiment.flush()
 
