@@ -38,6 +38,10 @@ def _targets(node: Any) -> list[str]:
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """`torch.load(path, weights_only=True)`, with each way it can fail turned into a one-line `CheckpointError`."""
     path = Path(path)
+    if path.is_dir():
+        found = sorted(str(p.relative_to(path)) for p in path.rglob("*.ckpt"))[:5]
+        hint = f"pass one of its checkpoints: {', '.join(found)}" if found else "it holds no .ckpt files"
+        raise CheckpointError(f"{path}: is a directory; {hint}")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file; pass ckpt_path=<run dir>/checkpoints/<name>.ckpt")
     if path.stat().st_size == 0:
@@ -66,7 +70,8 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> DigitClassifier:
     """Rebuild the trained model of a digit_lightning checkpoint, in eval mode, without unpickling any code."""
     checkpoint = read_checkpoint(path, map_location)
-    config = checkpoint.get("hyper_parameters", {}).get("model_config")
+    hparams = checkpoint.get("hyper_parameters")
+    config = hparams.get("model_config") if isinstance(hparams, dict) else None
     if not isinstance(config, dict) or config.get("_target_") != "digit_lightning.module.DigitClassifier":
         raise CheckpointError(
             f"{path}: not a digit_lightning checkpoint (no DigitClassifier 'model_config' in its hyper_parameters)"
@@ -81,6 +86,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         reason = (str(e).splitlines() or [type(e).__name__])[0]
         raise CheckpointError(f"{path}: its model_config does not build a model ({reason[:200]})") from None
     state = checkpoint["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: its 'state_dict' is not a mapping of names to tensors")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))

@@ -117,12 +117,13 @@ class Dashboards(L.Callback):
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         logger = tensorboard(trainer)
-        if trainer.sanity_checking or logger is None or not trainer.is_global_zero:
+        if trainer.sanity_checking or logger is None or self.confusion.update_count == 0:
+            return
+        counts = self.confusion.compute()  # on every rank: under DDP this gathers all ranks' counts
+        if not trainer.is_global_zero:
             return
         step = trainer.global_step
-        matrix = confusion_figure(
-            self.confusion.compute(), f"validation confusion matrix, epoch {trainer.current_epoch}"
-        )
+        matrix = confusion_figure(counts, f"validation confusion matrix, epoch {trainer.current_epoch}")
         add_figure(logger, "val/confusion_matrix", matrix, step)
         if self.wrong is not None:
             keep = self.wrong["wrong"].cpu()

@@ -56,6 +56,8 @@ def load_gray(image: str | Path | Image.Image) -> np.ndarray:
         raise PreprocessError(f"{name}: no such file") from None
     except IsADirectoryError:
         raise PreprocessError(f"{name}: is a directory") from None
+    except PermissionError:
+        raise PreprocessError(f"{name}: permission denied") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PreprocessError(
             f"{name}: too many pixels for a digit (over {Image.MAX_IMAGE_PIXELS:,}; a possible decompression bomb); "

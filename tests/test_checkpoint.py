@@ -39,6 +39,7 @@ def bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
     checkpoint = torch.load(good, weights_only=True)
     files = {
         "missing": (tmp / "nope.ckpt", "no such checkpoint file"),
+        "directory": (tmp / "run", "is a directory; pass one of its checkpoints: checkpoints/last.ckpt"),
         "empty": (tmp / "empty.ckpt", "empty file"),
         "truncated": (tmp / "truncated.ckpt", "truncated, corrupt or not a PyTorch checkpoint"),
         "png": (tmp / "digit.png", "not a PyTorch checkpoint"),
@@ -47,6 +48,8 @@ def bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
         "other_weights": (tmp / "resnet.ckpt", "weights do not fit"),
         "code_target": (tmp / "target.ckpt", "refused to build os.system"),
     }
+    (tmp / "run" / "checkpoints").mkdir(parents=True)
+    (tmp / "run" / "checkpoints" / "last.ckpt").write_bytes(data)
     files["empty"][0].write_bytes(b"")
     files["truncated"][0].write_bytes(data[: len(data) // 2])
     files["png"][0].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
@@ -61,7 +64,8 @@ def bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
 
 
 @pytest.mark.parametrize(
-    "kind", ["missing", "empty", "truncated", "png", "state_dict", "other_model", "other_weights", "code_target"]
+    "kind",
+    ["missing", "directory", "empty", "truncated", "png", "state_dict", "other_model", "other_weights", "code_target"],
 )
 def test_bad_file_is_one_line_error(small_checkpoint, tmp_path: Path, kind: str):
     path, phrase = bad_files(tmp_path, small_checkpoint[0])[kind]

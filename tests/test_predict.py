@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 
 from digit_lightning.checkpoint import load_checkpoint
+from digit_lightning.config import compose_config
 from digit_lightning.data import MNIST_MEAN, MNIST_STD, read_idx
-from digit_lightning.predict import predict_files, render
+from digit_lightning.predict import UsageError, check_settings, predict_files, render
 from digit_lightning.preprocess import PreprocessError, preprocess_image
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
@@ -121,12 +122,15 @@ def test_example_images_and_output_formats(small_checkpoint, run_cli, tmp_path: 
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [("format=xml", "format=xml is not one of table, json, csv"), ("inputs=[]", "no inputs"),
-     ("top_k=0", "top_k=0 must be")],
+    [("format=xml", "format=xml is not one of table, json, csv"), ("inputs=[]", "no inputs; pass inputs="),
+     ("top_k=0", "top_k=0 must be a whole number from 1 to 10"), ("ckpt_path=null", "ckpt_path is not set")],
 )  # fmt: skip
-def test_bad_settings_are_one_line_errors(small_checkpoint, run_cli, tmp_path: Path, override: str, message: str):
-    result = run_cli(
-        "digit_lightning.predict", f"ckpt_path={small_checkpoint[0]}", "inputs=[a.png]", override, cwd=tmp_path
-    )
-    assert result.returncode == 2 and result.stderr.strip() == f"error: {result.stderr.strip()[7:]}"
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_bad_settings_are_refused(override: str, message: str):
+    cfg = compose_config(["ckpt_path=model.ckpt", "inputs=[a.png]", override], config_name="predict")
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+        check_settings(cfg)
+
+
+def test_cli_bad_setting_is_one_line_and_status_2(run_cli, tmp_path: Path):
+    result = run_cli("digit_lightning.predict", "ckpt_path=model.ckpt", "inputs=[a.png]", "format=xml", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr == "error: format=xml is not one of table, json, csv\n"
