@@ -41,28 +41,42 @@ class DigitClassifier(L.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = MeanMetric(), MeanMetric(), MeanMetric()
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
+        self.example_input_array = torch.zeros(1, 1, 28, 28)  # lets TensorBoardLogger(log_graph=True) trace the net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
-    def _step(self, batch: Batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy) -> torch.Tensor:
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = "cpu", **kwargs: Any) -> DigitClassifier:
+        """Lightning's usual call, routed through the safe loader: weights_only, one-line errors, eval mode."""
+        from digit_lightning.checkpoint import load_checkpoint  # it imports this module
+
+        if kwargs:
+            raise TypeError(f"DigitClassifier.load_from_checkpoint takes no overrides, got {sorted(kwargs)}")
+        return load_checkpoint(checkpoint_path, map_location=map_location or "cpu")
+
+    def _step(
+        self, batch: Batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         log_probs = self(x)
         loss = F.nll_loss(log_probs, y)  # the net already applies log-softmax
         loss_metric.update(loss, weight=y.numel())  # weighted, so the epoch mean is a per-image mean
         acc_metric.update(log_probs.argmax(dim=1), y)
-        return loss
+        return loss, log_probs
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        loss = self._step(batch, self.train_loss, self.train_acc)
+        loss, _ = self._step(batch, self.train_loss, self.train_acc)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
-    def validation_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, self.val_loss, self.val_acc)
+    def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """Return the batch's log-probabilities, which callbacks (dashboards, eval) get as `outputs`."""
+        _, log_probs = self._step(batch, self.val_loss, self.val_acc)
         self.log("val/loss", self.val_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("val/acc", self.val_acc, on_step=False, on_epoch=True, prog_bar=True)
+        return log_probs.detach()
 
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:  # the sanity check's few batches must not set the best
@@ -70,10 +84,11 @@ class DigitClassifier(L.LightningModule):
         if self.val_acc_best.update_called:
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
 
-    def test_step(self, batch: Batch, batch_idx: int) -> None:
-        self._step(batch, self.test_loss, self.test_acc)
+    def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        _, log_probs = self._step(batch, self.test_loss, self.test_acc)
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
+        return log_probs.detach()
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(params=self.parameters())

@@ -7,8 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import DictConfig
+from PIL import Image
 
 from digit_lightning.config import compose_config
 from digit_lightning.data import prepare_mnist
@@ -46,3 +48,40 @@ def run_cli(mnist_dir: Path):
         )
 
     return run
+
+
+def paper_photo(digit: np.ndarray, rng: np.random.Generator, side: int = 160) -> Image.Image:
+    """An MNIST digit (28x28, white ink on black) as a person's photo of it: enlarged to `side` pixels, dark ink on
+    slightly noisy, tinted light paper, at a random place in a larger RGB image."""
+    ink = 1.0 - np.asarray(Image.fromarray(digit).resize((side, side), Image.BICUBIC), dtype=np.float32) / 255.0
+    h, w = side + int(rng.integers(40, 300)), side + int(rng.integers(40, 300))
+    paper = np.clip(rng.normal(225.0, 6.0, (h, w)), 0, 255)
+    top, left = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    paper[top : top + side, left : left + side] *= ink  # ink darkens the paper where the digit is
+    rgb = np.stack([paper, paper * 0.97, paper * 0.9], axis=-1)  # a warm tint: colour must not matter
+    return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB")
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
+    """A checkpoint trained briefly on a real slice (and tested on the full test set), shared by the use-a-model tests.
+
+    Returns the best checkpoint's path and the metrics training reported for it.
+    """
+    from digit_lightning.train import train
+
+    out = tmp_path_factory.mktemp("small_checkpoint")
+    overrides = [
+        f"paths.output_dir={out}", f"paths.data_dir={mnist_dir}", "trainer=cpu", "data.batch_size=64",
+        "trainer.max_epochs=1", "+trainer.limit_train_batches=150", "+trainer.limit_val_batches=10",
+        "callbacks.progress_bar=null",
+    ]  # fmt: skip
+    metrics = train(compose_config(overrides))
+    best = next((out / "checkpoints").glob("epoch_*.ckpt"))
+    return best, metrics
+
+
+@pytest.fixture(scope="session")
+def make_photo():
+    """`paper_photo` for tests: turn an MNIST digit into a large, off-centre, dark-on-light RGB picture."""
+    return paper_photo

@@ -1,0 +1,168 @@
+"""Evaluate a checkpoint on the official test set: `python -m digit_lightning.eval ckpt_path=<file.ckpt>`.
+
+Reports test/acc and test/loss (the same numbers training's test reported for that checkpoint), per-class precision,
+recall and F1, and the confusion matrix: as a table, as JSON in the run directory, and in TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import rich
+import torch
+from omegaconf import DictConfig
+from rich.table import Table
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MulticlassPrecision,
+    MulticlassRecall,
+)
+
+from digit_lightning.checkpoint import CheckpointError, load_checkpoint
+from digit_lightning.config import CONFIG_DIR
+from digit_lightning.dashboards import add_figure, confusion_figure, tensorboard
+from digit_lightning.data import DataError
+from digit_lightning.train import instantiate_group
+
+log = logging.getLogger(__name__)
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+
+
+class ClassMetrics(L.Callback):
+    """Accumulates per-class precision, recall, F1 and the confusion matrix from the test step's log-probabilities."""
+
+    def __init__(self) -> None:
+        per_class = {"average": None, "num_classes": 10, "validate_args": False}
+        self.metrics = MetricCollection(
+            {
+                "precision": MulticlassPrecision(**per_class),
+                "recall": MulticlassRecall(**per_class),
+                "f1": MulticlassF1Score(**per_class),
+                "confusion_matrix": MulticlassConfusionMatrix(num_classes=10, validate_args=False),
+            }
+        )
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.metrics = self.metrics.to(pl_module.device)
+        self.metrics.reset()
+
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: torch.Tensor,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        self.metrics.update(outputs.argmax(dim=1), batch[1])
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {k: v.cpu() for k, v in self.metrics.compute().items()}
+
+
+def report(ckpt_path: str, scores: dict[str, float], per_class: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The evaluation as plain data (what eval.json holds)."""
+    matrix = per_class["confusion_matrix"]
+    support = matrix.sum(dim=1)
+    classes = {
+        str(d): {
+            "precision": float(per_class["precision"][d]),
+            "recall": float(per_class["recall"][d]),
+            "f1": float(per_class["f1"][d]),
+            "support": int(support[d]),
+        }
+        for d in range(10)
+    }
+    return {
+        "ckpt_path": str(Path(ckpt_path).resolve()),
+        "num_images": int(matrix.sum()),
+        "test/acc": scores["test/acc"],
+        "test/loss": scores["test/loss"],
+        "macro": {k: float(per_class[k].mean()) for k in ("precision", "recall", "f1")},
+        "per_class": classes,
+        "confusion_matrix": {"rows": "true digit", "columns": "predicted digit", "counts": matrix.tolist()},
+    }
+
+
+def print_report(result: dict[str, Any]) -> None:
+    """Per-class table, then the confusion matrix, then the totals."""
+    rich.print(f"checkpoint: {result['ckpt_path']}")
+    table = Table(title=f"per-class metrics on {result['num_images']} test images")
+    for column in ("digit", "precision", "recall", "F1", "support"):
+        table.add_column(column, justify="right")
+    for digit, m in result["per_class"].items():
+        table.add_row(digit, f"{m['precision']:.4f}", f"{m['recall']:.4f}", f"{m['f1']:.4f}", str(m["support"]))
+    macro = result["macro"]
+    table.add_row(
+        "macro", f"{macro['precision']:.4f}", f"{macro['recall']:.4f}", f"{macro['f1']:.4f}", "", style="bold"
+    )
+    rich.print(table)
+
+    confusion = Table(title="confusion matrix (rows: true digit, columns: predicted)")
+    confusion.add_column("")
+    for d in range(10):
+        confusion.add_column(str(d), justify="right")
+    for d, row in enumerate(result["confusion_matrix"]["counts"]):
+        cells = [f"[bold]{n}[/bold]" if i == d else (str(n) if n else "[dim]0[/dim]") for i, n in enumerate(row)]
+        confusion.add_row(str(d), *cells)
+    rich.print(confusion)
+    rich.print(f"[bold]test/acc={result['test/acc']:.4f}  test/loss={result['test/loss']:.4f}[/bold]")
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Test `cfg.ckpt_path` on the official test set; log, write and return the report."""
+    if not cfg.get("ckpt_path"):
+        raise CheckpointError("ckpt_path is not set; pass ckpt_path=<run dir>/checkpoints/<name>.ckpt")
+    model = load_checkpoint(cfg.ckpt_path)
+    datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
+    class_metrics = ClassMetrics()
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, callbacks=[class_metrics], logger=instantiate_group(cfg.get("logger"))
+    )
+    scores = trainer.test(model, datamodule=datamodule, verbose=False)[0]
+    result = report(cfg.ckpt_path, scores, class_metrics.compute())
+
+    per_class = {f"test/{k}/{d}": m[k] for d, m in result["per_class"].items() for k in ("precision", "recall", "f1")}
+    for logger in trainer.loggers:
+        logger.log_metrics({**per_class, **{f"test/{k}_macro": v for k, v in result["macro"].items()}}, step=0)
+        logger.save()
+    if (tb := tensorboard(trainer)) is not None:
+        add_figure(
+            tb,
+            "test/confusion_matrix",
+            confusion_figure(torch.tensor(result["confusion_matrix"]["counts"]), "test confusion matrix"),
+            0,
+        )
+        tb.experiment.flush()
+
+    print_report(result)
+    if cfg.get("output_json"):
+        out = Path(cfg.output_json)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        log.info(f"Wrote {out}")
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> float:
+    """CLI entry point; a user error (no such checkpoint, no data) is one line on stderr and exit status 2."""
+    try:
+        return evaluate(cfg)["test/acc"]
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Export a checkpoint to run without this package: `python -m digit_lightning.export ckpt_path=<ckpt> format=onnx`.
+
+Both formats take normalized Nx1x28x28 float32 images (see digit_lightning.preprocess) of any batch size N and
+return Nx10 log-probabilities. After writing, the file is loaded back (onnxruntime / torch.jit) and compared with
+the PyTorch model.
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from digit_lightning.checkpoint import CheckpointError, load_checkpoint
+from digit_lightning.config import CONFIG_DIR
+from digit_lightning.data import MNIST_MEAN, MNIST_STD
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
+INPUT, OUTPUT = "image", "log_probs"
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be done as asked; one line saying why."""
+
+
+def export_onnx(net: nn.Module, path: Path, opset: int = 18) -> None:
+    """ONNX with a dynamic batch axis, one self-contained file, MNIST normalization recorded in its metadata."""
+    import onnx
+
+    example = torch.zeros(2, 1, 28, 28)
+    with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # the exporter reports its progress on stdout
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            net,
+            (example,),
+            input_names=[INPUT],
+            output_names=[OUTPUT],
+            dynamic_shapes=({0: torch.export.Dim("batch")},),
+            opset_version=opset,
+            dynamo=True,
+            external_data=False,
+        )
+    model = program.model_proto
+    for key, value in metadata().items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model)
+    onnx.save_model(model, str(path))
+
+
+def export_torchscript(net: nn.Module, path: Path) -> None:
+    """TorchScript (torch.jit.script), loadable with torch.jit.load and no Python source; metadata as extra files."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated in favour of torch.export, but works
+        scripted = torch.jit.script(net)
+        torch.jit.save(scripted, str(path), _extra_files={"metadata.txt": repr(metadata())})
+
+
+def metadata() -> dict[str, str]:
+    """What a consumer needs to feed the model correctly."""
+    return {
+        "input": f"{INPUT}: float32 [N, 1, 28, 28], MNIST-style digit (white ink on black, 20x20 box, centred by "
+        f"mass), normalized as (pixel/255 - {MNIST_MEAN}) / {MNIST_STD}",
+        "output": f"{OUTPUT}: float32 [N, 10], log-probabilities of the digits 0-9",
+        "preprocess": "digit_lightning.preprocess.preprocess_image",
+        "mnist_mean": str(MNIST_MEAN),
+        "mnist_std": str(MNIST_STD),
+    }
+
+
+def run_exported(path: Path, fmt: str, images: torch.Tensor) -> np.ndarray:
+    """Log-probabilities from the exported file, run by onnxruntime or torch.jit (not by this package's code)."""
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run([OUTPUT], {INPUT: images.numpy()})[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.load(str(path), map_location="cpu")
+    with torch.no_grad():
+        return scripted(images).numpy()
+
+
+def export(cfg: DictConfig) -> Path:
+    """Write the export the config asks for; check it against the PyTorch model; return its path."""
+    if not cfg.get("ckpt_path"):
+        raise ExportError("ckpt_path is not set; pass ckpt_path=<run dir>/checkpoints/<name>.ckpt")
+    if cfg.format not in FORMATS:
+        raise ExportError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
+    net = load_checkpoint(cfg.ckpt_path).net.eval()
+    output = Path(cfg.output) if cfg.get("output") else Path(cfg.ckpt_path).with_suffix(FORMATS[cfg.format])
+    if output.is_dir():
+        raise ExportError(f"output={output} is a directory; pass a file name, e.g. output={output}/digit.onnx")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        if cfg.format == "onnx":
+            export_onnx(net, output, cfg.opset)
+        else:
+            export_torchscript(net, output)
+    except OSError as e:
+        raise ExportError(f"cannot write {output}: {e.strerror or e}") from None
+    print(f"wrote {output} ({cfg.format}, {output.stat().st_size / 1e6:.1f} MB)")
+    if cfg.get("check"):
+        # A batch size other than the export's example (2) shows that the batch axis is dynamic.
+        images = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = net(images).numpy()
+        got = run_exported(output, cfg.format, images)
+        diff = float(np.abs(got - expected).max())
+        same = bool((got.argmax(1) == expected.argmax(1)).all())
+        if diff > 1e-4 or not same:
+            raise ExportError(
+                f"{output} disagrees with the PyTorch model (max abs diff {diff:.2e}, argmax same: {same})"
+            )
+        print(f"checked: {cfg.format} output matches PyTorch on a batch of 5 (max abs diff {diff:.1e})")
+    return output
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def main(cfg: DictConfig) -> None:
+    """CLI entry point; a user error is one line on stderr and exit status 2."""
+    try:
+        export(cfg)
+    except (ExportError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

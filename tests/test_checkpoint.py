@@ -1,0 +1,103 @@
+"""Checkpoints load safely: weights_only, an allow-list of classes, and a one-line error for every bad file."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from digit_lightning.checkpoint import CheckpointError, load_checkpoint
+from digit_lightning.module import DigitClassifier
+
+
+class WritesMarker:
+    """A pickle payload that creates a file when it is unpickled: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_loads_the_trained_model_in_eval_mode(small_checkpoint):
+    path, _ = small_checkpoint
+    model = load_checkpoint(path)
+    assert isinstance(model, DigitClassifier) and not model.training
+    saved = torch.load(path, weights_only=True)["state_dict"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    # Lightning users' habit goes through the same safe loader.
+    same = DigitClassifier.load_from_checkpoint(path)
+    assert torch.equal(same.net.fc2.weight, model.net.fc2.weight) and not same.training
+
+
+def bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
+    """Bad checkpoints of every kind, each with a phrase its error must contain."""
+    data = good.read_bytes()
+    checkpoint = torch.load(good, weights_only=True)
+    files = {
+        "missing": (tmp / "nope.ckpt", "no such checkpoint file"),
+        "directory": (tmp / "run", "is a directory; pass one of its checkpoints: checkpoints/last.ckpt"),
+        "empty": (tmp / "empty.ckpt", "empty file"),
+        "truncated": (tmp / "truncated.ckpt", "truncated, corrupt or not a PyTorch checkpoint"),
+        "png": (tmp / "digit.png", "not a PyTorch checkpoint"),
+        "state_dict": (tmp / "weights.pt", "plain state_dict, not a Lightning checkpoint"),
+        "other_model": (tmp / "other.ckpt", "not a digit_lightning checkpoint"),
+        "other_weights": (tmp / "resnet.ckpt", "weights do not fit"),
+        "code_target": (tmp / "target.ckpt", "refused to build os.system"),
+    }
+    (tmp / "run" / "checkpoints").mkdir(parents=True)
+    (tmp / "run" / "checkpoints" / "last.ckpt").write_bytes(data)
+    files["empty"][0].write_bytes(b"")
+    files["truncated"][0].write_bytes(data[: len(data) // 2])
+    files["png"][0].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+    torch.save(checkpoint["state_dict"], files["state_dict"][0])
+    torch.save({**checkpoint, "hyper_parameters": {"lr": 0.1}}, files["other_model"][0])
+    other = {"layer1.0.weight": torch.zeros(64, 3, 7, 7), **checkpoint["state_dict"]}
+    other["net.fc2.weight"] = torch.zeros(1000, 500)
+    torch.save({**checkpoint, "state_dict": other}, files["other_weights"][0])
+    config = {**checkpoint["hyper_parameters"]["model_config"], "net": {"_target_": "os.system", "command": "true"}}
+    torch.save({**checkpoint, "hyper_parameters": {"model_config": config}}, files["code_target"][0])
+    return files
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["missing", "directory", "empty", "truncated", "png", "state_dict", "other_model", "other_weights", "code_target"],
+)
+def test_bad_file_is_one_line_error(small_checkpoint, tmp_path: Path, kind: str):
+    path, phrase = bad_files(tmp_path, small_checkpoint[0])[kind]
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    message = str(error.value)
+    assert "\n" not in message and str(path) in message and phrase in message, message
+
+
+@pytest.mark.parametrize("how", ["torch.save", "raw pickle"])
+def test_pickle_that_would_run_code_is_refused_and_does_not_run(small_checkpoint, tmp_path: Path, how: str):
+    checkpoint = torch.load(small_checkpoint[0], weights_only=True)
+    marker, path = tmp_path / "marker", tmp_path / "evil.ckpt"
+    if how == "torch.save":
+        torch.save({**checkpoint, "extra": WritesMarker(marker)}, path)
+    else:
+        path.write_bytes(pickle.dumps(WritesMarker(marker), protocol=2))
+
+    with pytest.raises(CheckpointError) as error:
+        load_checkpoint(path)
+    assert "\n" not in str(error.value) and str(path) in str(error.value)
+    assert not marker.exists(), "loading the checkpoint ran the pickled code"
+
+    if how == "torch.save":  # the payload is real: an unsafe load does run it
+        assert "refused to load, it would run code" in str(error.value)
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+
+
+def test_cli_reports_a_bad_checkpoint_in_one_line(run_cli, tmp_path: Path):
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    result = run_cli("digit_lightning.eval", f"ckpt_path={tmp_path / 'bad.ckpt'}", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'bad.ckpt'}: ")

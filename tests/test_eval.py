@@ -1,0 +1,60 @@
+"""Evaluation of a checkpoint: the same test/acc as training reported, per-class metrics, JSON and TensorBoard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from digit_lightning.config import compose_config
+from digit_lightning.eval import evaluate
+
+
+def test_eval_reports_what_training_reported(small_checkpoint, mnist_dir: Path, tmp_path: Path):
+    path, trained = small_checkpoint  # training tested this (best) checkpoint on the full test set, batch size 64
+    cfg = compose_config(
+        [f"ckpt_path={path}", f"paths.output_dir={tmp_path}", f"paths.data_dir={mnist_dir}", "trainer=cpu"],
+        config_name="eval",
+    )  # eval uses batch size 256: the metrics must not depend on it
+    result = evaluate(cfg)
+
+    assert result["test/acc"] == pytest.approx(trained["test/acc"], abs=1e-6)
+    assert result["test/loss"] == pytest.approx(trained["test/loss"], rel=1e-4)
+    counts = result["confusion_matrix"]["counts"]
+    assert result["num_images"] == sum(map(sum, counts)) == 10_000
+    assert sum(counts[d][d] for d in range(10)) / 10_000 == pytest.approx(result["test/acc"], abs=1e-6)
+    for d in range(10):  # torchmetrics' per-class numbers agree with the confusion matrix
+        row, column = counts[d], [counts[t][d] for t in range(10)]
+        assert result["per_class"][str(d)]["recall"] == pytest.approx(counts[d][d] / sum(row), abs=1e-6)
+        assert result["per_class"][str(d)]["precision"] == pytest.approx(counts[d][d] / sum(column), abs=1e-6)
+        assert result["per_class"][str(d)]["support"] == sum(row)
+
+    assert json.loads((tmp_path / "eval.json").read_text()) == result
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"test/acc", "test/loss", "test/f1_macro", "test/precision/0", "test/recall/9", "test/f1/5"} <= scalars
+    assert events.Scalars("test/acc")[-1].value == pytest.approx(result["test/acc"])
+    assert "test/confusion_matrix" in events.Tags()["images"]
+
+
+def test_eval_cli_prints_the_table_and_writes_json_in_its_run_dir(small_checkpoint, run_cli, tmp_path: Path):
+    result = run_cli(
+        "digit_lightning.eval", f"ckpt_path={small_checkpoint[0]}", "trainer=cpu", "+trainer.limit_test_batches=4",
+        "hydra.run.dir=run", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert report["num_images"] == 4 * 256
+    assert f"test/acc={report['test/acc']:.4f}" in result.stdout
+    assert "per-class metrics on 1024 test images" in result.stdout and "confusion matrix" in result.stdout
+
+
+def test_eval_without_a_checkpoint_says_what_to_pass(run_cli, tmp_path: Path):
+    result = run_cli("digit_lightning.eval", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: ckpt_path is not set; pass ckpt_path=<run dir>/checkpoints/<name>.ckpt"
+    )
