@@ -5,20 +5,25 @@ Hydra composes conf/train.yaml (see README for the groups); `-m` runs a sweep, o
 
 from __future__ import annotations
 
+import json
 import logging
+import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import rich
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from rich.syntax import Syntax
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
 from digit_lightning.config import CONFIG_DIR
 from digit_lightning.module import build_model
+from digit_lightning.resume import EXIT_SIGTERM, ResumeError, find_checkpoint, resume_argv
 
 log = logging.getLogger(__name__)
 # num_workers=0 is deliberate: the data is in memory and worker processes cost more than they save.
@@ -74,8 +79,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     log_hyperparameters(trainer.loggers, cfg, [cfg.optimized_metric, "test/acc"])
 
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        ckpt_path = find_checkpoint(ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+        log.info(f"Resuming from {ckpt_path}")
     if cfg.get("train"):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
@@ -90,16 +99,39 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         if best:
             log.info(f"Best checkpoint: {best}")
+    if trainer.is_global_zero:
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, trainer)
     return metrics
+
+
+def write_metrics(path: Path, metrics: dict[str, float], trainer: L.Trainer) -> None:
+    """Leave the run's final metrics in its run dir, where `digit_lightning.sweep_report` reads them."""
+    record = {**metrics, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     """CLI entry point; returns `cfg.optimized_metric` so that Hydra sweepers can optimize it."""
     rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
-    metrics = train(cfg)
+    try:
+        metrics = train(cfg)
+    except SIGTERMException:  # the checkpoint and the resume command are already out (resume.ResumableRun)
+        sys.exit(EXIT_SIGTERM)
+    except ResumeError as e:
+        sys.exit(f"error: {e}")
     return metrics.get(cfg.get("optimized_metric"))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console entry point: a `ckpt_path=...` command line first becomes its original run's (see resume.py)."""
+    try:
+        sys.argv = resume_argv(sys.argv)
+    except ResumeError as e:
+        sys.exit(f"error: {e}")
     main()
+
+
+if __name__ == "__main__":
+    cli()
