@@ -16,6 +16,7 @@ import hydra
 import lightning as L
 import rich
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from rich.syntax import Syntax
@@ -55,6 +56,7 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+@rank_zero_only  # other DDP ranks have no TensorBoard writer
 def log_hyperparameters(loggers: list[Logger], cfg: DictConfig, metrics: list[str]) -> None:
     """Record the settings in every logger; in TensorBoard, tie them to `metrics` for the HParams tab."""
     params = flat_hparams(cfg)
