@@ -104,6 +104,7 @@ def run_in(out: Path, *overrides: str) -> dict[str, float]:
     return train(compose_config([f"paths.output_dir={out}", *SLICE, "test=false", *overrides]))
 
 
+@pytest.mark.slow
 def test_resume_is_exact_and_runs_are_reproducible(mnist_dir: Path, tmp_path: Path):
     """2 epochs straight == 1 epoch + resume: weights, optimizer, OneCycle LR, val/acc_best; same seed, same run."""
     keep_all = ["trainer.max_epochs=2", "callbacks.model_checkpoint.save_top_k=-1"]
