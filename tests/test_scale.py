@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
+import os
+import sys
+import time
 from pathlib import Path
 
 import hydra
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 
+from digit_lightning import data
 from digit_lightning.checkpoint_io import AtomicCheckpointIO
 from digit_lightning.config import CONFIG_DIR
-from digit_lightning.data import MNISTDataModule
+from digit_lightning.data import MNISTDataModule, idx_bytes
 from digit_lightning.module import build_model
 
 
@@ -85,3 +92,31 @@ def test_ddp_sim_trains_and_syncs_metrics(run_cli, mnist_dir: Path, tmp_path: Pa
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     (tested,) = trainer.test(model, datamodule=datamodule, verbose=False)
     assert tested["test/acc"] == pytest.approx(ddp["test/acc"], abs=1e-6)
+
+
+def test_concurrent_preparers_fetch_mnist_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Three processes (DDP ranks, sweep jobs) prepare the data at once: one fetches, all see only whole files."""
+    blobs = {name: idx_bytes(np.full((3, 28, 28) if "images" in name else (3,), i, np.uint8))
+             for i, name in enumerate(data.RAW_FILES)}  # fmt: skip
+    monkeypatch.setattr(data, "RAW_FILES", {n: hashlib.md5(b).hexdigest() for n, b in blobs.items()})
+    calls = tmp_path / "calls"
+
+    def slow_source(raw_dir: Path, names: list[str]) -> None:
+        with open(calls, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        for name in names:
+            time.sleep(0.2)  # a slow download while the others wait on the lock
+            data.write_atomic(raw_dir / name, blobs[name], data.RAW_FILES[name])
+
+    def prepare_and_check() -> None:
+        raw = data.prepare_mnist(tmp_path, sources=["slow"], log=lambda m: None)
+        sys.exit(1 if data.unverified(raw) else 0)
+
+    monkeypatch.setattr(data, "SOURCES", {"slow": slow_source})
+    processes = [multiprocessing.get_context("fork").Process(target=prepare_and_check) for _ in range(3)]
+    for p in processes:
+        p.start()
+    for p in processes:
+        p.join(timeout=60)
+    assert [p.exitcode for p in processes] == [0, 0, 0]
+    assert len(calls.read_text().splitlines()) == 1
