@@ -95,14 +95,16 @@ def plot(path: Path, jobs: list[dict[str, Any]], swept: list[str], metric: str) 
         raw = [j["job"] if key == "job" else j["overrides"].get(key, "") for j in done]
         ys = [j["metrics"][metric] for j in done]
         numbers = [_number(r) for r in raw]
-        if raw and all(n is not None for n in numbers):
+        numeric = bool(raw) and all(n is not None for n in numbers)
+        if numeric and len(set(numbers)) > 6:  # a search: a continuous axis
             ax.scatter(numbers, ys)
-            if min(numbers) > 0 and max(numbers) / min(numbers) >= 10:
+            if min(numbers) > 0 and max(numbers) / min(numbers) >= 3:  # learning rates, batch sizes
                 ax.set_xscale("log")
-        else:  # categories, in the order first seen
-            labels = list(dict.fromkeys(raw))
+        else:  # a grid or categories: one evenly spaced slot per value, labelled as typed, in numeric order
+            labels = sorted(set(raw), key=lambda r: _number(r) or 0.0) if numeric else list(dict.fromkeys(raw))
             ax.scatter([labels.index(r) for r in raw], ys)
-            ax.set_xticks(range(len(labels)), labels, rotation=20)
+            ax.set_xticks(range(len(labels)), labels, rotation=20 if not numeric else 0)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
