@@ -82,7 +82,8 @@ class DigitClassifier(L.LightningModule):
         if not self.trainer.sanity_checking:  # the sanity check's few batches must not set the best
             self.val_acc_best.update(self.val_acc.compute())
         if self.val_acc_best.update_called:
-            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True)
+            # compute() already syncs across ranks; sync_dist says so to Lightning (and averages equal values)
+            self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         _, log_probs = self._step(batch, self.test_loss, self.test_acc)

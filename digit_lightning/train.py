@@ -5,10 +5,12 @@ Hydra composes conf/train.yaml (see README for the groups); `-m` runs a sweep, o
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -16,7 +18,8 @@ import lightning as L
 import rich
 from hydra.errors import HydraException, InstantiationException
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.syntax import Syntax
@@ -26,12 +29,15 @@ from digit_lightning.config import CONFIG_DIR, ConfigError, one_line_error, vali
 from digit_lightning.data import DataError
 from digit_lightning.guards import NonFiniteLossError
 from digit_lightning.module import build_model
+from digit_lightning.resume import EXIT_SIGTERM, ResumeError, find_checkpoint, resume_argv
 
 log = logging.getLogger(__name__)
 # num_workers=0 is deliberate: the data is in memory and worker processes cost more than they save.
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # Errors the user can fix from the message alone: the CLI prints them as one line, without a traceback.
-USER_ERRORS = (ConfigError, DataError, NonFiniteLossError, InstantiationException, MisconfigurationException)
+USER_ERRORS = (
+    ConfigError, DataError, ResumeError, NonFiniteLossError, InstantiationException, MisconfigurationException
+)
 SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"  # read before main() sets it for its own use
 
 
@@ -60,6 +66,7 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     return flat
 
 
+@rank_zero_only  # other DDP ranks have no TensorBoard writer
 def log_hyperparameters(loggers: list[Logger], cfg: DictConfig, metrics: list[str]) -> None:
     """Record the settings in every logger; in TensorBoard, tie them to `metrics` for the HParams tab."""
     params = flat_hparams(cfg)
@@ -85,8 +92,12 @@ def train(cfg: DictConfig) -> dict[str, float]:
     )
     log_hyperparameters(trainer.loggers, cfg, [cfg.optimized_metric, "test/acc"])
 
+    ckpt_path = cfg.get("ckpt_path")
+    if ckpt_path:
+        ckpt_path = find_checkpoint(ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+        log.info(f"Resuming from {ckpt_path}")
     if cfg.get("train"):
-        trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
@@ -101,7 +112,16 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         if best:
             log.info(f"Best checkpoint: {best}")
+    if trainer.is_global_zero:
+        write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, trainer)
     return metrics
+
+
+def write_metrics(path: Path, metrics: dict[str, float], trainer: L.Trainer) -> None:
+    """Leave the run's final metrics in its run dir, where `digit_lightning.sweep_report` reads them."""
+    record = {**metrics, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
@@ -111,6 +131,8 @@ def hydra_main(cfg: DictConfig) -> float | None:
         validate_config(cfg)  # before printing, so that a bad value is not buried under the config
         rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
         metrics = train(cfg)
+    except SIGTERMException:  # the checkpoint and the resume command are already out (resume.ResumableRun)
+        sys.exit(EXIT_SIGTERM)
     except USER_ERRORS as e:
         if SHOW_TRACEBACKS:
             raise
@@ -122,18 +144,21 @@ def hydra_main(cfg: DictConfig) -> float | None:
 def main() -> None:
     """CLI entry point (`-m`, `--cfg`, `--help` and the other Hydra flags work as usual).
 
-    Hydra reports a bad command line (an unknown key or option, an unparsable override) in several lines;
-    here it is one line that says what to change. HYDRA_FULL_ERROR=1 shows the full traceback instead.
+    A `ckpt_path=...` command line first becomes its original run's (see resume.py). Hydra reports a bad command
+    line (an unknown key or option, an unparsable override) in several lines; here it is one line that says what
+    to change. HYDRA_FULL_ERROR=1 shows the full traceback instead.
     """
-    if SHOW_TRACEBACKS:
-        hydra_main()
-        return
-    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors to us instead of printing them
+    if not SHOW_TRACEBACKS:
+        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors to us instead of printing them
     try:
+        sys.argv = resume_argv(sys.argv)
         hydra_main()
+    except ResumeError as e:
+        sys.exit(f"error: {e}")
     except (HydraException, OmegaConfBaseException) as e:
+        if SHOW_TRACEBACKS:
+            raise
         sys.exit(f"error: {one_line_error(e)}")
-
 
 if __name__ == "__main__":
     main()

@@ -13,9 +13,9 @@ from digit_lightning.config import CONFIG_DIR, compose_config
 from digit_lightning.module import DigitClassifier, build_model
 from digit_lightning.train import instantiate_group
 
-GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "debug", "experiment"]
+GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "debug", "experiment", "hparams_search"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
-NEEDS_GPU = {("trainer", "gpu")}
+NEEDS_GPU = {("trainer", "gpu"), ("trainer", "ddp")}
 
 
 def test_every_group_has_options():

@@ -1,0 +1,182 @@
+"""Summarize a multirun: `python -m digit_lightning.sweep_report <multirun dir>`.
+
+Writes, into the multirun dir, `sweep_report.md` and `sweep_report.csv` (every job's swept overrides and final
+metrics, best first by the optimized metric) and `sweep_report.png` (the metric against each swept parameter).
+Each job's metrics come from the `metrics.json` that train.py leaves in its run dir. Hydra runs this at the end of
+every multirun through the `SweepReport` callback in conf/hydra/default.yaml.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+METRIC_ORDER = ["val/acc_best", "test/acc", "test/loss", "val/acc", "val/loss", "train/acc", "train/loss"]
+
+
+def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
+    """One record per job dir: its number, overrides (`key -> value` strings) and metrics (empty if it failed)."""
+    jobs = []
+    for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        job_dir = overrides_file.parent.parent
+        overrides = yaml.safe_load(overrides_file.read_text()) or []
+        metrics_file = job_dir / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        jobs.append(
+            {
+                "job": job_dir.name,
+                "overrides": dict(o.lstrip("+~").split("=", 1) for o in overrides),
+                "metrics": metrics,
+            }
+        )
+    jobs.sort(key=lambda j: (not j["job"].isdigit(), int(j["job"]) if j["job"].isdigit() else j["job"]))
+    return jobs
+
+
+def objective(sweep_dir: Path, jobs: list[dict[str, Any]]) -> tuple[str, str]:
+    """The optimized metric and its direction, from the multirun's config (Optuna's direction when it ran)."""
+    config_file = sweep_dir / "multirun.yaml"
+    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+    metric = config.get("optimized_metric") or "val/acc_best"
+    direction = ((config.get("hydra") or {}).get("sweeper") or {}).get("direction")
+    if not isinstance(direction, str):
+        direction = "minimize" if "loss" in metric else "maximize"
+    return metric, direction
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def build_table(
+    jobs: list[dict[str, Any]], metric: str, direction: str
+) -> tuple[list[str], list[str], list[list[Any]]]:
+    """The swept keys (overrides that differ between jobs), the metric names, and rows best first."""
+    keys = sorted({k for j in jobs for k in j["overrides"]})
+    swept = [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1]
+    found = {m for j in jobs for m in j["metrics"]} - {"epoch", "global_step"}
+    metrics = [metric] + [m for m in METRIC_ORDER if m in found and m != metric]
+    metrics += sorted(found - set(metrics))
+    sign = -1.0 if direction == "maximize" else 1.0
+
+    def rank(job: dict[str, Any]) -> tuple[bool, float]:
+        value = job["metrics"].get(metric)
+        return value is None, sign * value if value is not None else 0.0
+
+    rows = [[j["job"], *(j["overrides"].get(k, "") for k in swept), *(j["metrics"].get(m) for m in metrics)]
+            for j in sorted(jobs, key=rank)]  # fmt: skip
+    return swept, metrics, rows
+
+
+def plot(path: Path, jobs: list[dict[str, Any]], swept: list[str], metric: str) -> None:
+    """One panel per swept parameter: the metric of each job against that parameter's value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, max(len(swept), 1), figsize=(4.5 * max(len(swept), 1), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], swept or ["job"], strict=False):
+        done = [j for j in jobs if j["metrics"].get(metric) is not None]
+        raw = [j["job"] if key == "job" else j["overrides"].get(key, "") for j in done]
+        ys = [j["metrics"][metric] for j in done]
+        numbers = [_number(r) for r in raw]
+        numeric = bool(raw) and all(n is not None for n in numbers)
+        if numeric and len(set(numbers)) > 6:  # a search: a continuous axis
+            ax.scatter(numbers, ys)
+            if min(numbers) > 0 and max(numbers) / min(numbers) >= 3:  # learning rates, batch sizes
+                ax.set_xscale("log")
+        else:  # a grid or categories: one evenly spaced slot per value, labelled as typed, in numeric order
+            labels = sorted(set(raw), key=lambda r: _number(r) or 0.0) if numeric else list(dict.fromkeys(raw))
+            ax.scatter([labels.index(r) for r in raw], ys)
+            ax.set_xticks(range(len(labels)), labels, rotation=20 if not numeric else 0)
+            ax.set_xlim(-0.5, len(labels) - 0.5)
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{metric} per job ({len(jobs)} jobs)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _cell(value: Any) -> str:
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def write_report(sweep_dir: str | Path) -> Path:
+    """Write sweep_report.{md,csv,png} into `sweep_dir`; return the markdown file."""
+    sweep_dir = Path(sweep_dir)
+    jobs = read_jobs(sweep_dir)
+    if not jobs:
+        raise FileNotFoundError(f"{sweep_dir}: no job dirs (*/.hydra/overrides.yaml); pass a multirun dir")
+    metric, direction = objective(sweep_dir, jobs)
+    swept, metrics, rows = build_table(jobs, metric, direction)
+    header = ["job", *swept, *metrics]
+    with open(sweep_dir / "sweep_report.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header, *rows])
+    plot(sweep_dir / "sweep_report.png", jobs, swept, metric)
+
+    lines = [f"# Sweep {sweep_dir}", "", f"{len(jobs)} jobs, sorted by `{metric}` ({direction}).", ""]
+    common = {k: v for k, v in jobs[0]["overrides"].items() if k not in swept}
+    if common:
+        lines += ["Common overrides: " + " ".join(f"`{k}={v}`" for k, v in common.items()), ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    failed = [j["job"] for j in jobs if not j["metrics"]]
+    if failed:
+        lines += ["", f"No metrics.json (failed or unfinished): jobs {', '.join(failed)}."]
+    best_file = sweep_dir / "optimization_results.yaml"
+    if best_file.is_file():
+        best = yaml.safe_load(best_file.read_text())
+        lines += ["", f"Optuna's best parameters (`{best_file.name}`), value {best.get('best_value')}:", ""]
+        lines += [f"- `{k}={v}`" for k, v in (best.get("best_params") or {}).items()]
+    lines += ["", "![metric per parameter](sweep_report.png)", ""]
+    report = sweep_dir / "sweep_report.md"
+    report.write_text("\n".join(lines))
+    return report
+
+
+class SweepReport(Callback):
+    """Hydra callback: write the sweep report when a multirun ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            log.info(f"Sweep report: {write_report(sweep_dir)}")
+        except Exception as e:  # a report must never turn a finished sweep into a failed one
+            log.warning(f"No sweep report for {sweep_dir}: {type(e).__name__}: {e}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m digit_lightning.sweep_report <multirun dir>`: write the report and print where it is."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m digit_lightning.sweep_report <multirun dir>", file=sys.stderr)
+        return 2
+    try:
+        report = write_report(args[0])
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(report.read_text())
+    print(f"Wrote {report}, {report.with_suffix('.csv')} and {report.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

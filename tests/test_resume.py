@@ -1,0 +1,167 @@
+"""Resume and reproducibility: checkpoint lookup, command-line rewriting, atomic saves, exact resume, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from digit_lightning import checkpoint_io
+from digit_lightning.checkpoint_io import AtomicCheckpointIO
+from digit_lightning.config import compose_config
+from digit_lightning.resume import ResumeError, find_checkpoint, resume_argv
+from digit_lightning.train import train
+
+# A small real slice: 30 batches of 64 per epoch, validated on 640 images.
+SLICE = ["trainer=cpu", "data.batch_size=64", "+trainer.limit_train_batches=30", "+trainer.limit_val_batches=10"]
+
+
+def fake_run(root: Path, name: str, overrides: list[str]) -> Path:
+    """A run dir as Hydra and Lightning leave it: .hydra/overrides.yaml and checkpoints/last.ckpt."""
+    run = root / name
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
+    return run
+
+
+def test_find_checkpoint_accepts_a_file_a_run_dir_and_last(tmp_path: Path):
+    old = fake_run(tmp_path, "2026-01-01_00-00-00", [])
+    new = fake_run(tmp_path, "2026-01-02_00-00-00", [])
+    os.utime(old / "checkpoints" / "last.ckpt", (1e9, 1e9))  # make `old` the older one by mtime
+    assert find_checkpoint("last", tmp_path) == (new / "checkpoints" / "last.ckpt").resolve()
+    assert find_checkpoint(old, tmp_path) == (old / "checkpoints" / "last.ckpt").resolve()
+    assert find_checkpoint(old / "checkpoints" / "last.ckpt", tmp_path).parent.parent == old.resolve()
+    with pytest.raises(ResumeError, match="no such checkpoint"):
+        find_checkpoint(tmp_path / "nope.ckpt", tmp_path)
+    with pytest.raises(ResumeError, match="train a run first"):
+        find_checkpoint("last", tmp_path / "empty")
+
+
+def test_resume_argv_reapplies_the_original_overrides_in_the_original_run_dir(tmp_path: Path):
+    run = fake_run(tmp_path / "logs" / "sweepy" / "runs", "r1", ["data.batch_size=64", "model.optimizer.lr=0.01"])
+    argv = [
+        "train.py",
+        "ckpt_path=last",
+        "model.optimizer.lr=0.02",
+        "task_name=sweepy",
+        f"paths.log_dir={tmp_path}/logs",
+    ]
+    new = resume_argv(argv)
+    ckpt = (run / "checkpoints" / "last.ckpt").resolve()
+    assert new == [
+        "train.py",
+        "data.batch_size=64",  # from the original run; its lr is replaced by the one typed now
+        f"ckpt_path={ckpt}",
+        "model.optimizer.lr=0.02",
+        "task_name=sweepy",
+        f"paths.log_dir={tmp_path}/logs",
+        f"hydra.run.dir={run.resolve()}",
+    ]
+    assert resume_argv(new) == new  # idempotent: DDP ranks re-run the rewritten command line
+    assert resume_argv(["train.py", "-m", "ckpt_path=last"]) == ["train.py", "-m", "ckpt_path=last"]
+    assert resume_argv(["train.py", "seed=1"]) == ["train.py", "seed=1"]
+
+
+def test_cli_names_a_missing_checkpoint_in_one_line(run_cli, tmp_path: Path):
+    result = run_cli("digit_lightning.train", "ckpt_path=last", f"paths.log_dir={tmp_path}", cwd=tmp_path, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"error: ckpt_path=last: no {tmp_path}/train/runs/*/checkpoints/last.ckpt; train a run first"
+    ]
+
+
+def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    target = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1}, target)
+    assert torch.load(target, weights_only=True) == {"step": 1}
+
+    def dies_halfway(obj, f) -> None:
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # as if killed mid-write
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, target)
+    monkeypatch.undo()
+    assert torch.load(target, weights_only=True) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
+
+
+def run_in(out: Path, *overrides: str) -> dict[str, float]:
+    return train(compose_config([f"paths.output_dir={out}", *SLICE, "test=false", *overrides]))
+
+
+@pytest.mark.slow
+def test_resume_is_exact_and_runs_are_reproducible(mnist_dir: Path, tmp_path: Path):
+    """2 epochs straight == 1 epoch + resume: weights, optimizer, OneCycle LR, val/acc_best; same seed, same run."""
+    keep_all = ["trainer.max_epochs=2", "callbacks.model_checkpoint.save_top_k=-1"]
+    straight = run_in(tmp_path / "a", *keep_all)
+    again = run_in(tmp_path / "b", *keep_all)
+    assert again == straight  # same seed, same metrics, to the last bit
+
+    epoch_1 = tmp_path / "a" / "checkpoints" / "epoch_000.ckpt"
+    resumed = run_in(tmp_path / "c", "trainer.max_epochs=2", f"ckpt_path={epoch_1}")
+    for key in ("val/acc", "val/loss", "val/acc_best", "train/loss", "train/acc"):
+        assert resumed[key] == straight[key], key
+    best_after_1 = torch.load(epoch_1, weights_only=True)["state_dict"]["val_acc_best.max_value"].item()
+    assert resumed["val/acc_best"] == pytest.approx(max(best_after_1, resumed["val/acc"]))  # the best survived
+
+    a = torch.load(tmp_path / "a" / "checkpoints" / "last.ckpt", weights_only=True)
+    c = torch.load(tmp_path / "c" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (a["epoch"], a["global_step"]) == (c["epoch"], c["global_step"]) == (1, 60)
+    for name, tensor in a["state_dict"].items():
+        assert torch.equal(tensor, c["state_dict"][name]), name
+    assert a["lr_schedulers"][0]["_step_count"] == c["lr_schedulers"][0]["_step_count"]
+    assert torch.equal(a["optimizer_states"][0]["state"][0]["exp_avg"], c["optimizer_states"][0]["state"][0]["exp_avg"])
+
+    different = run_in(tmp_path / "d", *keep_all, "seed=7")
+    assert different["train/loss"] != straight["train/loss"]  # the seed matters, so the equalities above mean something
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes_into_the_same_run(mnist_dir: Path, tmp_path: Path):
+    """A real CLI run gets SIGTERM mid-training, saves last.ckpt, says how to resume; that command finishes the run."""
+    run = tmp_path / "run"
+    env = {**os.environ, "DIGIT_LIGHTNING_DATA": str(mnist_dir), "PYTHONUNBUFFERED": "1"}
+    overrides = [*SLICE[:2], "+trainer.limit_train_batches=150", *SLICE[3:], "trainer.max_epochs=2", "test=false"]
+    cmd = [sys.executable, "-m", "digit_lightning.train", *overrides, f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = run / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 300
+    while not last.exists():  # the first epoch's checkpoint: training is under way
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint after 300 s"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 143, out[-3000:]
+    hints = [line for line in out.splitlines() if "To resume:" in line]
+    assert len(hints) == 1 and "Interrupted by SIGTERM" in hints[0], out[-3000:]
+    saved = torch.load(last, weights_only=True)
+    assert 150 <= saved["global_step"] < 300  # saved at the interruption, after epoch 1's checkpoint (step 150)
+
+    command = shlex.split(hints[0].split("To resume: ", 1)[1])
+    assert command[:3] == ["python", "-m", "digit_lightning.train"]
+    resumed = subprocess.run(
+        [sys.executable, *command[1:]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 300  # both epochs done, in the same dir
+
+    events = EventAccumulator(str(run / "tensorboard"))  # one TensorBoard run, written by both processes
+    events.Reload()
+    assert [e.step for e in events.Scalars("val/acc")] == [149, 299]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2

@@ -1,0 +1,130 @@
+"""Sweeps: the Optuna search config, the sweep report, and real multiruns (joblib, Optuna) on small slices."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+
+from digit_lightning.config import CONFIG_DIR
+from digit_lightning.sweep_report import main as report_main
+from digit_lightning.sweep_report import write_report
+
+# A tiny real slice per job: 20 batches of training, 5 of validation, no test.
+TINY = ["trainer=cpu", "test=false", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
+        "+trainer.limit_val_batches=5"]  # fmt: skip
+
+
+def compose_with_hydra(*overrides: str):
+    """Compose conf/train.yaml including the `hydra` node, as the CLI sees it."""
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("train", overrides=list(overrides), return_hydra_config=True)
+
+
+def test_optuna_search_composes():
+    cfg = compose_with_hydra("hparams_search=mnist_optuna")
+    sweeper = cfg.hydra.sweeper
+    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
+    assert sweeper.storage is None and cfg.optimized_metric == "val/acc_best"
+    assert set(sweeper.params) == {"model.optimizer.lr", "data.batch_size", "model.optimizer.weight_decay"}
+    assert "log" in sweeper.params["model.optimizer.lr"]
+    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.task_name == "optuna"
+    assert cfg.hydra.callbacks.sweep_report._target_ == "digit_lightning.sweep_report.SweepReport"
+
+
+def test_joblib_launcher_composes():
+    cfg = compose_with_hydra("hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    assert cfg.hydra.launcher._target_.endswith("JoblibLauncher") and cfg.hydra.launcher.n_jobs == 2
+
+
+def fake_sweep(root: Path, jobs: list[tuple[list[str], dict | None]], direction: str | None = None) -> Path:
+    """A multirun dir as Hydra and train.py leave it: multirun.yaml, then per job overrides and metrics.json."""
+    root.mkdir(parents=True)
+    hydra = {"sweeper": {"direction": direction}} if direction else {}
+    (root / "multirun.yaml").write_text(yaml.safe_dump({"optimized_metric": "val/acc_best", "hydra": hydra}))
+    for number, (overrides, metrics) in enumerate(jobs):
+        (root / str(number) / ".hydra").mkdir(parents=True)
+        (root / str(number) / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+        if metrics is not None:
+            (root / str(number) / "metrics.json").write_text(json.dumps(metrics))
+    return root
+
+
+def test_report_ranks_jobs_by_the_optimized_metric(tmp_path: Path):
+    sweep = fake_sweep(
+        tmp_path / "sweep",
+        [
+            (
+                ["model.optimizer.lr=0.001", "data.batch_size=16", "trainer=cpu"],
+                {"val/acc_best": 0.91, "val/loss": 0.3},
+            ),
+            (["model.optimizer.lr=0.01", "data.batch_size=16", "trainer=cpu"], {"val/acc_best": 0.95, "val/loss": 0.2}),
+            (["model.optimizer.lr=0.0001", "data.batch_size=128", "trainer=cpu"], None),  # a failed job
+            (["model.optimizer.lr=0.0003", "data.batch_size=128", "trainer=cpu"], {"val/acc_best": 0.93}),
+        ],
+    )
+    report = write_report(sweep)
+    rows = list(csv.reader((sweep / "sweep_report.csv").open()))
+    assert rows[0] == ["job", "data.batch_size", "model.optimizer.lr", "val/acc_best", "val/loss"]
+    assert [r[0] for r in rows[1:]] == ["1", "3", "0", "2"]  # best first, the failed job last
+    assert rows[1][1:4] == ["16", "0.01", "0.95"]
+    text = report.read_text()
+    assert "sorted by `val/acc_best` (maximize)" in text and "`trainer=cpu`" in text  # a common override
+    assert "failed or unfinished): jobs 2" in text
+    assert (sweep / "sweep_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_follows_the_sweepers_direction(tmp_path: Path):
+    sweep = fake_sweep(
+        tmp_path / "sweep", [(["seed=1"], {"val/acc_best": 0.9}), (["seed=2"], {"val/acc_best": 0.8})], "minimize"
+    )
+    write_report(sweep)
+    assert [r[0] for r in list(csv.reader((sweep / "sweep_report.csv").open()))[1:]] == ["1", "0"]
+
+
+def test_report_cli_rejects_a_dir_without_jobs(tmp_path: Path, capsys: pytest.CaptureFixture):
+    assert report_main([str(tmp_path)]) == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: {tmp_path}: no job dirs (*/.hydra/overrides.yaml); pass a multirun dir"
+    )
+
+
+@pytest.mark.slow
+def test_joblib_multirun_runs_jobs_in_parallel_and_reports(run_cli, tmp_path: Path):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "digit_lightning.train", "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "task_name=lr_sweep",
+        "model.optimizer.lr=0.003,0.0001", "data.batch_size=64", *TINY, f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Joblib.Parallel(n_jobs=2" in result.stdout + result.stderr
+    for job in ("0", "1"):
+        metrics = json.loads((sweep / job / "metrics.json").read_text())
+        assert 0.1 < metrics["val/acc_best"] <= 1.0
+        assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))
+    rows = list(csv.reader((sweep / "sweep_report.csv").open()))
+    assert rows[0][:3] == ["job", "model.optimizer.lr", "val/acc_best"]
+    assert [float(r[2]) for r in rows[1:]] == sorted((float(r[2]) for r in rows[1:]), reverse=True)
+    assert (sweep / "sweep_report.png").is_file()
+
+
+@pytest.mark.slow
+def test_two_trial_optuna_sweep_saves_its_best_parameters(run_cli, tmp_path: Path):
+    sweep = tmp_path / "optuna"
+    result = run_cli(
+        "digit_lightning.train", "hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", *TINY,
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert set(best["best_params"]) == {"model.optimizer.lr", "data.batch_size", "model.optimizer.weight_decay"}
+    values = [json.loads((sweep / job / "metrics.json").read_text())["val/acc_best"] for job in ("0", "1")]
+    assert best["best_value"] == pytest.approx(max(values))
+    rows = list(csv.reader((sweep / "sweep_report.csv").open()))
+    assert float(rows[1][rows[0].index("val/acc_best")]) == pytest.approx(max(values))
+    assert "Optuna's best parameters" in (sweep / "sweep_report.md").read_text()
