@@ -36,7 +36,12 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", ".*does not have many workers.*")
 # Errors the user can fix from the message alone: the CLI prints them as one line, without a traceback.
 USER_ERRORS = (
-    ConfigError, DataError, ResumeError, NonFiniteLossError, InstantiationException, MisconfigurationException
+    ConfigError,
+    DataError,
+    ResumeError,
+    NonFiniteLossError,
+    InstantiationException,
+    MisconfigurationException,
 )
 SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"  # read before main() sets it for its own use
 
@@ -159,6 +164,7 @@ def main() -> None:
         if SHOW_TRACEBACKS:
             raise
         sys.exit(f"error: {one_line_error(e)}")
+
 
 if __name__ == "__main__":
     main()
