@@ -81,7 +81,7 @@ class DigitClassifier(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.trainer.sanity_checking:  # the sanity check's few batches must not set the best
             self.val_acc_best.update(self.val_acc.compute())
-        if self.val_acc_best.update_called:
+        if self.val_acc_best.update_count:
             # compute() already syncs across ranks; sync_dist says so to Lightning (and averages equal values)
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 

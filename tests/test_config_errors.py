@@ -81,7 +81,7 @@ def test_cli_rejects_each_bad_setting_in_one_line_before_touching_data(tmp_path:
         ),
         ("mdel.x=1", "mdel.x=1: the config has no key 'mdel' (did you mean model?)"),
         ("model=nope", BAD["model=nope"]),
-        ("trainer=tpu", "trainer=tpu: no such option in group 'trainer'; choose from: cpu, default, gpu"),
+        ("trainer=tpu", "trainer=tpu: no such option in group 'trainer'; choose from: cpu, ddp, ddp_sim, default, gpu"),
         ("data.batch_size=[", "cannot parse the override 'data.batch_size=[': "),
     ],
 )
