@@ -17,6 +17,7 @@ import hydra
 import lightning as L
 import rich
 from hydra.errors import HydraException, InstantiationException
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
@@ -92,9 +93,11 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     model = build_model(cfg.model)
-    trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
-    )
+    loggers = instantiate_group(cfg.get("logger"))
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    if not loggers:  # logger=none: the LR monitor would have nowhere to write (and Lightning refuses to run it)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     log_hyperparameters(trainer.loggers, cfg, [cfg.optimized_metric, "test/acc"])
 
     ckpt_path = cfg.get("ckpt_path")
