@@ -326,14 +326,16 @@ class MNISTDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         fast = self.hparams.fast
-        on_gpu = fast and self.test_set.images.device.type != "cpu"  # nothing to pin: the data is already there
+        # Data already on the GPU: nothing to pin, and worker processes cannot share CUDA tensors.
+        on_gpu = fast and self.test_set.images.device.type != "cpu"
+        workers = 0 if on_gpu else self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
+            num_workers=workers,
             pin_memory=self.hparams.pin_memory and not on_gpu,
-            persistent_workers=self.hparams.num_workers > 0,
+            persistent_workers=workers > 0,
             collate_fn=keep_batch if fast else None,
         )
 
