@@ -115,16 +115,14 @@ def data_prep(data_dir: str, wheel_dir: Path) -> dict[str, float | str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("DIGIT_LIGHTNING_DATA", str(ROOT / "data")))
-    parser.add_argument("--images", type=int, default=32_000, help="training images per throughput run")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each side")
-    parser.add_argument("--quick", action="store_true", help="8,000 images x 2, and no whole-epoch commands")
-    parser.add_argument("--smoke", action="store_true", help="a few batches, no commands or conversion (tests)")
+    parser.add_argument("--images", type=int, help="training images per throughput run (32,000; quick 8,000)")
+    parser.add_argument("--repeats", type=int, help="interleaved runs of each side (3; quick 2)")
+    parser.add_argument("--quick", action="store_true", help="fewer images, and no whole-epoch commands")
+    parser.add_argument("--smoke", action="store_true", help="20 batches, no commands or conversion (tests)")
     parser.add_argument("--wheel-dir", type=Path, default=ROOT / "logs" / "bench" / "wheel")
     args = parser.parse_args()
-    if args.quick:
-        args.images, args.repeats = 8_000, 2
-    if args.smoke:
-        args.images, args.repeats = 320, 1
+    images, repeats = (320, 1) if args.smoke else (8_000, 2) if args.quick else (32_000, 3)
+    args.images, args.repeats = args.images or images, args.repeats or repeats
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
 

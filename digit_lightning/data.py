@@ -259,6 +259,9 @@ class MNISTTensors(Dataset):
         return x, self.labels[index].long()
 
 
+AUGMENT_NONE = {"degrees": 0.0, "translate": 0.0, "scale": 0.0}  # `data.augment` keys; a key left out stays 0
+
+
 def keep_batch(batch: Batch) -> Batch:
     """Collate for `MNISTTensors`: `__getitems__` already returns the batched tensors."""
     return batch
@@ -286,6 +289,10 @@ class MNISTDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        if augment is not None and set(augment) - set(AUGMENT_NONE):
+            unknown = ", ".join(sorted(set(augment) - set(AUGMENT_NONE)))
+            raise DataError(f"data.augment: unknown key(s) {unknown}; the keys are {', '.join(AUGMENT_NONE)}")
+        self.augment = {**AUGMENT_NONE, **augment} if augment else None
         self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -299,13 +306,12 @@ class MNISTDataModule(L.LightningDataModule):
         raw = Path(self.hparams.data_dir) / "MNIST" / "raw"
         # On a GPU the whole set (55 MB) lives there: batches never cross the bus.
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
-        x, y = (read_idx(raw / f"train-{kind}").to(device) for kind in ("images-idx3-ubyte", "labels-idx1-ubyte"))
-        test_x, test_y = (read_idx(raw / f"t10k-{k}").to(device) for k in ("images-idx3-ubyte", "labels-idx1-ubyte"))
-        return MNISTTensors(x, y), MNISTTensors(x, y, self.hparams.augment), MNISTTensors(test_x, test_y)
+        x, y, test_x, test_y = (read_idx(raw / name).to(device) for name in RAW_FILES)  # train, then t10k
+        return MNISTTensors(x, y), MNISTTensors(x, y, self.augment), MNISTTensors(test_x, test_y)
 
     def _torchvision_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
         """The same three sets as torchvision `MNIST` Datasets with per-image PIL transforms."""
-        root, augment = self.hparams.data_dir, self.hparams.augment
+        root, augment = self.hparams.data_dir, self.augment
         plain = datasets.MNIST(root, train=True, transform=self.transform)
         augmented = plain
         if augment:

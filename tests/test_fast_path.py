@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler
 
-from digit_lightning.data import MNIST_MEAN, MNIST_STD, MNISTDataModule, MNISTTensors
+from digit_lightning.data import MNIST_MEAN, MNIST_STD, DataError, MNISTDataModule, MNISTTensors
 from digit_lightning.train import train
 
 AUGMENT = {"degrees": 10, "translate": 0.1, "scale": 0.1}
@@ -105,3 +105,9 @@ def test_bench_smoke(mnist_dir: Path):
                             cwd=root, capture_output=True, text=True, timeout=900)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| images/s, batch 16, 320 images x 1" in result.stdout and "x |" in result.stdout
+
+
+def test_augment_keys_are_checked_and_default_to_zero(mnist_dir: Path):
+    with pytest.raises(DataError, match="unknown key.s. rotate; the keys are degrees, translate, scale"):
+        MNISTDataModule(data_dir=str(mnist_dir), augment={"rotate": 5})
+    assert MNISTDataModule(augment={"degrees": 5}).augment == {"degrees": 5, "translate": 0.0, "scale": 0.0}
