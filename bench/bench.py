@@ -8,6 +8,7 @@ run as subprocesses, timed from launch to exit. `--quick` is a shorter run, `--s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -128,7 +129,8 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
     print(f"bench: torch {torch.__version__} on {device}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    rates = throughput(args.data, args.images, args.repeats)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout keeps just the table
+        rates = throughput(args.data, args.images, args.repeats)
     lines = ["| measure | tutorial | ours | ours / tutorial |", "| --- | --- | --- | --- |"]
     for unit, label in (("wall", "images/s"), ("cpu", "images per CPU second")):
         r = rates[unit]
