@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install data train test test-full lint format tensorboard clean
+.PHONY: install data train test test-full bench lint format tensorboard clean
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test: install data
 
 test-full: install data
 	$(PY) -m pytest $(ARGS)
+
+bench: data  ## tutorial loop vs ours, time to 99%, data prep (a few minutes; ARGS=--quick for a shorter run)
+	$(PY) bench/bench.py $(ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

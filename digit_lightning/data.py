@@ -21,8 +21,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
+import torch.nn.functional as F
 from filelock import FileLock
-from torch.utils.data import DataLoader, Dataset, random_split
+from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchvision import datasets, transforms
 
 # The four canonical raw files (torchvision's layout: <data_dir>/MNIST/raw/<name>) and their md5.
@@ -245,8 +246,65 @@ def prepare_mnist(
     return raw_dir
 
 
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: float, fill: float) -> torch.Tensor:
+    """Rotate, shift and scale each image of a batch by its own random amount (torchvision's RandomAffine, batched).
+
+    `translate` is a fraction of the image size, `scale` the largest relative change; `fill` is the background value.
+    """
+    n = x.shape[0]
+    angle = torch.empty(n, device=x.device).uniform_(-degrees, degrees).deg2rad_()
+    factor = torch.empty(n, device=x.device).uniform_(1 - scale, 1 + scale)
+    shift = torch.empty(n, 2, device=x.device).uniform_(-2 * translate, 2 * translate)  # grid coords span 2
+    cos, sin = angle.cos() / factor, angle.sin() / factor
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x - fill, grid, align_corners=False) + fill  # zero padding of (x - fill) is background
+
+
+class MNISTTensors(Dataset):
+    """MNIST as uint8 tensors (on the CPU or the GPU): a batch is cut by index and normalized in one tensor op.
+
+    `__getitems__` is what a DataLoader calls with a whole batch of indices, so no per-image Python or PIL runs;
+    any sampler (shuffling, Lightning's DistributedSampler) still decides which indices a batch gets.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: dict | None = None) -> None:
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x, y = self.__getitems__([index])
+        return x[0], int(y[0])
+
+    def __getitems__(self, indices: Sequence[int]) -> Batch:
+        index = torch.as_tensor(indices, device=self.images.device)
+        # The same float ops, in the same order, as ToTensor + Normalize: identical values.
+        x = self.images[index].unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
+        if self.augment:
+            x = random_affine(x, **self.augment, fill=-MNIST_MEAN / MNIST_STD)
+        return x, self.labels[index].long()
+
+
+AUGMENT_NONE = {"degrees": 0.0, "translate": 0.0, "scale": 0.0}  # `data.augment` keys; a key left out stays 0
+
+
+def keep_batch(batch: Batch) -> Batch:
+    """Collate for `MNISTTensors`: `__getitems__` already returns the batched tensors."""
+    return batch
+
+
 class MNISTDataModule(L.LightningDataModule):
-    """MNIST with a seeded train/val split of the 60,000 training images and the official 10,000-image test set."""
+    """MNIST with a seeded train/val split of the 60,000 training images and the official 10,000-image test set.
+
+    `fast=True` (default) serves batches from in-memory tensors (`MNISTTensors`), on the trainer's device;
+    `fast=False` uses torchvision's `MNIST` Dataset with per-image PIL transforms. Both give the same tensors and
+    split. `augment` (`degrees`, `translate`, `scale`) randomly transforms the training images on either path.
+    """
 
     def __init__(
         self,
@@ -257,9 +315,15 @@ class MNISTDataModule(L.LightningDataModule):
         pin_memory: bool = False,
         split_seed: int = 42,
         sources: Sequence[str] = ("torchvision", "pypi"),
+        fast: bool = True,
+        augment: dict | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
+        if augment is not None and set(augment) - set(AUGMENT_NONE):
+            unknown = ", ".join(sorted(set(augment) - set(AUGMENT_NONE)))
+            raise DataError(f"data.augment: unknown key(s) {unknown}; the keys are {', '.join(AUGMENT_NONE)}")
+        self.augment = {**AUGMENT_NONE, **augment} if augment else None
         self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -268,22 +332,48 @@ class MNISTDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         prepare_mnist(self.hparams.data_dir, self.hparams.sources)
 
+    def _tensor_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
+        """Plain and augmented training sets (sharing one copy of the data) and the test set, as `MNISTTensors`."""
+        raw = Path(self.hparams.data_dir) / "MNIST" / "raw"
+        # On a GPU the whole set (55 MB) lives there: batches never cross the bus.
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        x, y, test_x, test_y = (read_idx(raw / name).to(device) for name in RAW_FILES)  # train, then t10k
+        return MNISTTensors(x, y), MNISTTensors(x, y, self.augment), MNISTTensors(test_x, test_y)
+
+    def _torchvision_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
+        """The same three sets as torchvision `MNIST` Datasets with per-image PIL transforms."""
+        root, augment = self.hparams.data_dir, self.augment
+        plain = datasets.MNIST(root, train=True, transform=self.transform)
+        augmented = plain
+        if augment:
+            s, t = augment["scale"], augment["translate"]
+            affine = transforms.RandomAffine(augment["degrees"], translate=(t, t), scale=(1 - s, 1 + s))
+            augmented = datasets.MNIST(root, train=True, transform=transforms.Compose([affine, self.transform]))
+        return plain, augmented, datasets.MNIST(root, train=False, transform=self.transform)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
-            full = datasets.MNIST(self.hparams.data_dir, train=True, transform=self.transform)
+            plain, augmented, self.test_set = (
+                self._tensor_datasets() if self.hparams.fast else self._torchvision_datasets()
+            )
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
-            sizes = [len(full) - self.hparams.val_size, self.hparams.val_size]
-            self.train_set, self.val_set = random_split(full, sizes, generator=generator)
-            self.test_set = datasets.MNIST(self.hparams.data_dir, train=False, transform=self.transform)
+            sizes = [len(plain) - self.hparams.val_size, self.hparams.val_size]
+            train, self.val_set = random_split(plain, sizes, generator=generator)
+            self.train_set = Subset(augmented, train.indices)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        fast = self.hparams.fast
+        # Data already on the GPU: nothing to pin, and worker processes cannot share CUDA tensors.
+        on_gpu = fast and self.test_set.images.device.type != "cpu"
+        workers = 0 if on_gpu else self.hparams.num_workers
         return DataLoader(
             dataset,
             batch_size=self.hparams.batch_size,
             shuffle=shuffle,
-            num_workers=self.hparams.num_workers,
-            pin_memory=self.hparams.pin_memory,
-            persistent_workers=self.hparams.num_workers > 0,
+            num_workers=workers,
+            pin_memory=self.hparams.pin_memory and not on_gpu,
+            persistent_workers=workers > 0,
+            collate_fn=keep_batch if fast else None,
         )
 
     def train_dataloader(self) -> DataLoader:
