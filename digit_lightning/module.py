@@ -67,8 +67,11 @@ class DigitClassifier(L.LightningModule):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         log_probs = self(x)
-        loss = F.nll_loss(log_probs, y)  # the net already applies log-softmax
-        loss_metric.update(loss, weight=y.numel())  # weighted, so the epoch mean is a per-image mean
+        losses = F.nll_loss(log_probs, y, reduction="none")  # the net already applies log-softmax
+        # Per-image losses, so the epoch mean is a per-image mean whatever the batch sizes. (A batch mean with
+        # `weight=` would do too, but MeanMetric ignores scalar weights when its NaN check is disabled.)
+        loss_metric.update(losses.detach())
+        loss = losses.mean()
         acc_metric.update(log_probs.argmax(dim=1), y)
         return loss, log_probs
 

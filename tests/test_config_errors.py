@@ -25,7 +25,7 @@ BAD = {
     "trainer.max_epochs=-2": "trainer.max_epochs=-2: must be an integer >= 0, or -1 for no limit",
     "data.batchsize=16": (
         "data.batchsize=16: MNISTDataModule has no key 'batchsize' (did you mean data.batch_size?); "
-        "allowed: batch_size, data_dir, num_workers, pin_memory, sources, split_seed, val_size"
+        "allowed: augment, batch_size, data_dir, fast, num_workers, pin_memory, sources, split_seed, val_size"
     ),
     "model=nope": "model=nope: no such option in group 'model'; choose from: digit",
 }
