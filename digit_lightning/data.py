@@ -67,6 +67,7 @@ def disk_error(error: BaseException, raw_dir: Path) -> DataError | None:
 
 
 def md5sum(path: Path) -> str:
+    """The md5 hex digest of a file, read in 1 MiB blocks (raw files are checked against the canonical ones)."""
     digest = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -266,9 +267,11 @@ class MNISTDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
 
     def prepare_data(self) -> None:
+        """Fetch and verify the raw files once (Lightning calls this on one process per node)."""
         prepare_mnist(self.hparams.data_dir, self.hparams.sources)
 
     def setup(self, stage: str | None = None) -> None:
+        """Split the training images into train/val with `split_seed` and load the official test set."""
         if self.train_set is None:
             full = datasets.MNIST(self.hparams.data_dir, train=True, transform=self.transform)
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
@@ -287,12 +290,15 @@ class MNISTDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of the training split."""
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        """The validation split in a fixed order."""
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        """The official 10,000-image test set in a fixed order."""
         return self._loader(self.test_set, shuffle=False)
 
 

@@ -44,6 +44,7 @@ class DigitClassifier(L.LightningModule):
         self.example_input_array = torch.zeros(1, 1, 28, 28)  # lets TensorBoardLogger(log_graph=True) trace the net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the 10 digits for a batch of normalized 1x28x28 images."""
         return self.net(x)
 
     @classmethod
@@ -66,6 +67,7 @@ class DigitClassifier(L.LightningModule):
         return loss, log_probs
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """Loss on a training batch; logs `train/loss` and `train/acc` as epoch means."""
         loss, _ = self._step(batch, self.train_loss, self.train_acc)
         self.log("train/loss", self.train_loss, on_step=False, on_epoch=True, prog_bar=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True, prog_bar=True)
@@ -79,6 +81,7 @@ class DigitClassifier(L.LightningModule):
         return log_probs.detach()
 
     def on_validation_epoch_end(self) -> None:
+        """Track the best validation accuracy so far and log it as `val/acc_best`."""
         if not self.trainer.sanity_checking:  # the sanity check's few batches must not set the best
             self.val_acc_best.update(self.val_acc.compute())
         if self.val_acc_best.update_count:
@@ -86,12 +89,14 @@ class DigitClassifier(L.LightningModule):
             self.log("val/acc_best", self.val_acc_best.compute(), prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """Log `test/loss` and `test/acc`; return the batch's log-probabilities for callbacks."""
         _, log_probs = self._step(batch, self.test_loss, self.test_acc)
         self.log("test/loss", self.test_loss, on_step=False, on_epoch=True)
         self.log("test/acc", self.test_acc, on_step=False, on_epoch=True)
         return log_probs.detach()
 
     def configure_optimizers(self) -> Any:
+        """The configured optimizer and LR scheduler (a whole-run schedule like OneCycle steps every batch)."""
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer

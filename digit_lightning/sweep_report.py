@@ -155,6 +155,7 @@ class SweepReport(Callback):
     """Hydra callback: write the sweep report when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Write sweep_report.{md,csv,png} into the sweep dir; a failure is only a warning."""
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             log.info(f"Sweep report: {write_report(sweep_dir)}")
