@@ -305,6 +305,9 @@ class MNISTDataModule(L.LightningDataModule):
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m digit_lightning.data [data_dir]`: fetch and verify MNIST, say where it is."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) > 1 or any(a.startswith("-") for a in args):  # `--help` must not become a data dir
+        print("usage: python -m digit_lightning.data [data_dir]  (default: $DIGIT_LIGHTNING_DATA or ./data)")
+        return 0 if args in (["-h"], ["--help"]) else 2
     data_dir = args[0] if args else os.environ.get("DIGIT_LIGHTNING_DATA", "data")
     try:
         raw_dir = prepare_mnist(data_dir)
