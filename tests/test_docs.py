@@ -6,6 +6,8 @@ import importlib
 import inspect
 import pkgutil
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,3 +93,13 @@ def test_contributing_model_example_trains(run_cli, tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "_target_: my_nets.wide.WideNet" in result.stdout and "width: 32" in result.stdout
     assert "test/acc" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("module", ["data", "sweep_report"])
+def test_help_prints_usage_and_touches_nothing(module: str, tmp_path: Path):
+    """`--help` on the argparse-free entry points is usage, not a data dir or a multirun dir to work on."""
+    result = subprocess.run(
+        [sys.executable, "-m", f"digit_lightning.{module}", "--help"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.startswith("usage: python -m digit_lightning."), result.stderr
+    assert list(tmp_path.iterdir()) == []
