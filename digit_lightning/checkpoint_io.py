@@ -23,6 +23,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """`torch.save` to a temp file in the checkpoint's directory, fsync, then rename it into place."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        """Write to a temp file beside `path`, then rename it into place (remote paths: Lightning's own way)."""
         if "://" in str(path) and not str(path).startswith("file://"):  # remote storage: Lightning's own way
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(str(path).removeprefix("file://"))

@@ -87,6 +87,7 @@ class Dashboards(L.Callback):
         self.wrong: dict[str, torch.Tensor] | None = None  # a fixed-size buffer of misclassified examples
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start a fresh confusion matrix and mistake buffer on the module's device."""
         self.confusion = self.confusion.to(pl_module.device)
         self.confusion.reset()
         self._reset()
@@ -100,6 +101,7 @@ class Dashboards(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        """Add the batch to the confusion matrix and keep its first mistakes, without a host sync."""
         if trainer.sanity_checking or not isinstance(outputs, torch.Tensor):
             return
         x, y = batch
@@ -116,6 +118,7 @@ class Dashboards(L.Callback):
         self.wrong = {k: v[order] for k, v in candidate.items()}
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Render the epoch's confusion matrix and misclassified grid into TensorBoard (rank 0)."""
         logger = tensorboard(trainer)
         if trainer.sanity_checking or logger is None or self.confusion.update_count == 0:
             return
@@ -137,6 +140,7 @@ class Dashboards(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> None:
+        """Log the first training batch once, as the model sees it, under `data/samples`."""
         if self._samples_logged or self.num_samples <= 0:
             return
         self._samples_logged = True

@@ -68,6 +68,7 @@ def disk_error(error: BaseException, raw_dir: Path) -> DataError | None:
 
 
 def md5sum(path: Path) -> str:
+    """The md5 hex digest of a file, read in 1 MiB blocks (raw files are checked against the canonical ones)."""
     digest = hashlib.md5()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -330,6 +331,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
 
     def prepare_data(self) -> None:
+        """Fetch and verify the raw files once (Lightning calls this on one process per node)."""
         prepare_mnist(self.hparams.data_dir, self.hparams.sources)
 
     def _tensor_datasets(self) -> tuple[Dataset, Dataset, Dataset]:
@@ -352,6 +354,7 @@ class MNISTDataModule(L.LightningDataModule):
         return plain, augmented, datasets.MNIST(root, train=False, transform=self.transform)
 
     def setup(self, stage: str | None = None) -> None:
+        """Split the training images into train/val with `split_seed` and load the official test set."""
         if self.train_set is None:
             plain, augmented, self.test_set = (
                 self._tensor_datasets() if self.hparams.fast else self._torchvision_datasets()
@@ -377,18 +380,24 @@ class MNISTDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
+        """Shuffled batches of the training split."""
         return self._loader(self.train_set, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
+        """The validation split in a fixed order."""
         return self._loader(self.val_set, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
+        """The official 10,000-image test set in a fixed order."""
         return self._loader(self.test_set, shuffle=False)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m digit_lightning.data [data_dir]`: fetch and verify MNIST, say where it is."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) > 1 or any(a.startswith("-") for a in args):  # `--help` must not become a data dir
+        print("usage: python -m digit_lightning.data [data_dir]  (default: $DIGIT_LIGHTNING_DATA or ./data)")
+        return 0 if args in (["-h"], ["--help"]) else 2
     data_dir = args[0] if args else os.environ.get("DIGIT_LIGHTNING_DATA", "data")
     try:
         raw_dir = prepare_mnist(data_dir)

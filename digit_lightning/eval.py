@@ -52,6 +52,7 @@ class ClassMetrics(L.Callback):
         )
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Reset the per-class metrics on the module's device."""
         self.metrics = self.metrics.to(pl_module.device)
         self.metrics.reset()
 
@@ -64,9 +65,11 @@ class ClassMetrics(L.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        """Update the per-class metrics with the batch's predictions."""
         self.metrics.update(outputs.argmax(dim=1), batch[1])
 
     def compute(self) -> dict[str, torch.Tensor]:
+        """The per-class precision, recall and F1 over every test batch seen, on the CPU."""
         return {k: v.cpu() for k, v in self.metrics.compute().items()}
 
 

@@ -22,6 +22,7 @@ class FiniteLossGuard(Callback):
     """
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        """Raise `NonFiniteLossError` before a NaN/inf loss can update the weights."""
         if bool(torch.isfinite(loss).all()):
             return
         ckpt = trainer.checkpoint_callback

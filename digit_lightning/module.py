@@ -51,6 +51,7 @@ class DigitClassifier(L.LightningModule):
             self.net.compile()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities over the 10 digits for a batch of normalized 1x28x28 images."""
         return self.net(x)
 
     @classmethod
@@ -84,6 +85,7 @@ class DigitClassifier(L.LightningModule):
         acc.reset()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """Loss on a training batch; logs `train/loss` and `train/acc` as epoch means."""
         loss, _ = self._step(batch, self.train_loss, self.train_acc)
         return loss
 
@@ -96,6 +98,7 @@ class DigitClassifier(L.LightningModule):
         return log_probs.detach()
 
     def on_validation_epoch_end(self) -> None:
+        """Track the best validation accuracy so far and log it as `val/acc_best`."""
         if not self.trainer.sanity_checking:  # the sanity check's few batches must not set the best
             self.val_acc_best.update(self.val_acc.compute())
         if self.val_acc_best.update_count:
@@ -104,6 +107,7 @@ class DigitClassifier(L.LightningModule):
         self._log_epoch("val", self.val_loss, self.val_acc)
 
     def test_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
+        """Log `test/loss` and `test/acc`; return the batch's log-probabilities for callbacks."""
         _, log_probs = self._step(batch, self.test_loss, self.test_acc)
         return log_probs.detach()
 
@@ -111,6 +115,7 @@ class DigitClassifier(L.LightningModule):
         self._log_epoch("test", self.test_loss, self.test_acc)
 
     def configure_optimizers(self) -> Any:
+        """The configured optimizer and LR scheduler (a whole-run schedule like OneCycle steps every batch)."""
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer

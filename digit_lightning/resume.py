@@ -121,13 +121,16 @@ class ResumableRun(L.Callback):
         self.saved: Path | None = None
 
     def state_dict(self) -> dict[str, Any]:
+        """The random-number generators' states, saved in every checkpoint."""
         return {"rng": _rng_states()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the random-number generators' states from a checkpoint."""
         if "rng" in state_dict:
             _set_rng_states(state_dict["rng"])
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """On SIGTERM or Ctrl-C during fit: save `last.ckpt` and log the command that resumes the run."""
         if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
             return
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):

@@ -155,6 +155,7 @@ class SweepReport(Callback):
     """Hydra callback: write the sweep report when a multirun ends."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Write sweep_report.{md,csv,png} into the sweep dir; a failure is only a warning."""
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             log.info(f"Sweep report: {write_report(sweep_dir)}")
@@ -165,6 +166,9 @@ class SweepReport(Callback):
 def main(argv: list[str] | None = None) -> int:
     """`python -m digit_lightning.sweep_report <multirun dir>`: write the report and print where it is."""
     args = sys.argv[1:] if argv is None else argv
+    if args in (["-h"], ["--help"]):
+        print("usage: python -m digit_lightning.sweep_report <multirun dir>")
+        return 0
     if len(args) != 1:
         print("usage: python -m digit_lightning.sweep_report <multirun dir>", file=sys.stderr)
         return 2

@@ -1,0 +1,201 @@
+"""The README and the code agree: every command in its bash blocks composes, and the quick ones run for real.
+
+Each `python -m digit_lightning.<name>` (or `.venv/bin/python -m ...`) line of a ```bash block is run as a
+subprocess in a scratch project dir where the README's example paths exist (a small real checkpoint at
+`logs/train/runs/2026-11-27_03-35-55/checkpoints/last.ckpt`, a real tiny multirun, `scans/`, `my_digit.jpg`):
+
+- Hydra entry points that would train for long, or need a GPU or a cluster, run with `--cfg job`: that proves the
+  groups, options and keys on the line compose (a sweep's `-m` is dropped and `a=1,2` becomes `a=1`, since Hydra's
+  `--cfg` prints a single job);
+- predict, export, eval, data, sweep_report, `--help` and `debug=fdr` lines run fully and must exit 0;
+- `make <target>` lines are dry-run (`make -n`), which checks that the targets exist;
+- torchrun lines are skipped: they need several GPU nodes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+ENTRY = re.compile(r"^(?:\.venv/bin/)?python -m digit_lightning\.(\w+)\b")
+RUN_DIR = "logs/train/runs/2026-11-27_03-35-55"  # the run dir the README's examples name
+SWEEP_DIR = "logs/lr_bs/multiruns/2026-11-27_04-00-00"
+RUN_FULLY = {"predict", "export", "eval", "data", "sweep_report"}  # each takes seconds on the small checkpoint
+
+
+def bash_lines(sections: tuple[str, ...] = ()) -> list[str]:
+    """Every line of the README's ```bash blocks (only in `sections`, if given), continuation lines joined, prompts
+    (`$ `) removed."""
+    lines = []
+    for section in re.split(r"\n(?=## )", README):
+        if sections and section.splitlines()[0].removeprefix("## ") not in sections:
+            continue
+        for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.strip()
+                lines.append(line[2:] if line.startswith("$ ") else line)
+    return lines
+
+
+def unique(commands: list[str]) -> list[str]:
+    """The commands without repeats (the same words, with `python` or `.venv/bin/python`, comments aside)."""
+    seen, kept = set(), []
+    for command in commands:
+        words = tuple(shlex.split(command.removeprefix(".venv/bin/"), comments=True))
+        if words not in seen:
+            seen.add(words)
+            kept.append(command)
+    return kept
+
+
+COMMANDS = unique([c for c in bash_lines() if ENTRY.match(c) or c.startswith(("make ", "torchrun "))])
+# What a newcomer types first is checked in the fast suite; the later sections' `--cfg job` checks (~5 s each, and
+# their features have tests of their own) only with `-m slow`.
+FIRST_STEPS = set(bash_lines(("Quick start", "Common recipes")))
+ASSIGNMENTS = [c for c in bash_lines() if re.match(r"^[A-Z_]+=\$\(", c)]  # e.g. CKPT=$(ls -t ...)
+
+
+def test_readme_has_commands_to_check():
+    entry_points = {ENTRY.match(c).group(1) for c in COMMANDS if ENTRY.match(c)}
+    assert {"train", "eval", "predict", "export", "sweep_report"} <= entry_points
+    assert any(c.startswith("make train") for c in COMMANDS) and any(c.startswith("make test") for c in COMMANDS)
+
+
+def expand(token: str, env: dict[str, str]) -> str:
+    """`$NAME` / `${NAME}` replaced as the shell would (the README only uses unquoted or single-word variables)."""
+    return re.sub(r"\$\{?(\w+)\}?", lambda m: env[m.group(1)], token)
+
+
+def only_first_job(args: list[str]) -> list[str]:
+    """A multirun's arguments as one job's: no `-m`, and `key=a,b` sweeps reduced to `key=a`."""
+    single = []
+    for arg in args:
+        if arg in ("-m", "--multirun"):
+            continue
+        key, eq, value = arg.partition("=")
+        if eq and "," in value and not re.search(r"[\[\](){}]", value):
+            arg = f"{key}={value.split(',')[0]}"
+        single.append(arg)
+    return single
+
+
+@pytest.fixture(scope="module")
+def project(small_checkpoint, mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """A scratch dir where the README's example paths exist, and the environment its commands run with."""
+    root = tmp_path_factory.mktemp("readme_project")
+    shutil.copytree(ROOT / "docs" / "examples", root / "docs" / "examples")
+    ckpt, _ = small_checkpoint
+    run = root / RUN_DIR
+    (run / "checkpoints").mkdir(parents=True)
+    for name in ("last.ckpt", "epoch_004.ckpt"):
+        shutil.copy(ckpt, run / "checkpoints" / name)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "overrides.yaml").write_text("- trainer=cpu\n")  # a resume re-applies these
+    other_task = root / "logs/lr_bs/runs/2026-11-27_04-10-00/checkpoints"  # for `ckpt_path=last task_name=lr_bs`
+    other_task.mkdir(parents=True)
+    shutil.copy(ckpt, other_task / "last.ckpt")
+    (root / "scans").mkdir()
+    shutil.copy(ROOT / "docs/examples/two.jpg", root / "scans" / "two.jpg")
+    Image.open(ROOT / "docs/examples/seven.png").convert("RGB").save(root / "my_digit.jpg")
+
+    env = {**os.environ, "DIGIT_LIGHTNING_DATA": str(mnist_dir), "PYTHONUNBUFFERED": "1"}
+    sweep = subprocess.run(
+        [sys.executable, "-m", "digit_lightning.train", "-m", "model.optimizer.lr=1e-3,3e-4", "debug=fdr",
+         "callbacks.progress_bar=null", f"hydra.sweep.dir={SWEEP_DIR}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+
+    env["CKPT"] = f"{RUN_DIR}/checkpoints/last.ckpt"
+    for line in ASSIGNMENTS:  # the README's own way of finding a checkpoint must find ours
+        name = line.split("=", 1)[0]
+        value = subprocess.run(["bash", "-c", f"{line}\necho ${name}"], cwd=root, capture_output=True, text=True)
+        assert value.stdout.strip(), f"`{line}` found nothing: {value.stderr}"
+        env[name] = value.stdout.strip()
+    return root, env
+
+
+def plan(command: str) -> tuple[str, list[str] | None, str]:
+    """How to check `command`: ("run" | "cfg" | "make" | "skip", argv or None, reason)."""
+    if command.startswith("torchrun "):
+        return "skip", None, "torchrun needs several GPU nodes"
+    if command.startswith("make "):
+        return "make", shlex.split(command, comments=True)[1:], "dry run"
+    tokens = shlex.split(command, comments=True)
+    module = ENTRY.match(command).group(1)
+    args = tokens[3:]
+    if module in RUN_FULLY or "--help" in args or "debug=fdr" in args:
+        return "run", [module, *args], "runs in seconds"
+    return "cfg", [module, *only_first_job(args), "--cfg", "job"], "a real run takes minutes, a GPU or a cluster"
+
+
+def param(command: str, index: int):
+    """The command as a test case, marked slow when it is only a `--cfg job` check outside the first steps."""
+    slow = plan(command)[0] == "cfg" and command not in FIRST_STEPS
+    return pytest.param(command, id=f"{index:02d}", marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("command", [param(c, i) for i, c in enumerate(COMMANDS)])
+def test_readme_command(command: str, project: tuple[Path, dict]):
+    root, env = project
+    how, args, reason = plan(command)
+    if how == "skip":
+        pytest.skip(f"{reason}: {command}")
+    if how == "make":
+        if shutil.which("make") is None:
+            pytest.skip("make is not installed")
+        argv, cwd = ["make", "-n", *args], ROOT  # -n: print the recipe, run nothing
+    else:
+        argv, cwd = [sys.executable, "-m", f"digit_lightning.{args[0]}", *(expand(a, env) for a in args[1:])], root
+    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{how}: {' '.join(argv)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    if how == "cfg":
+        assert "_target_" in result.stdout or "ckpt_path" in result.stdout, result.stdout[-2000:]
+
+
+def test_config_table_lists_every_option():
+    """Every option file of every config group appears in the README's Configuration table."""
+    table = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w/]+)` \| (.*?) \|", table, flags=re.MULTILINE)}
+    conf = ROOT / "conf"
+    groups = [p.relative_to(conf).as_posix() for p in conf.rglob("*") if p.is_dir() and any(p.glob("*.yaml"))]
+    assert "trainer" in groups and "hydra/launcher" in groups
+    for group in groups:
+        if group == "hydra":  # hydra/default.yaml is the run-dir layout, not a choice
+            continue
+        assert group in rows, f"README's Configuration table has no row for the group `{group}`"
+        for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
+            assert f"`{option}`" in rows[group], f"README: `{group}` row does not list the option `{option}`"
+
+
+def test_readme_images_exist():
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README) + re.findall(r'<img src="([^"]+)"', README)
+    assert any("docs/images/" in i for i in images), "the README shows no figure made by the project"
+    for image in images:
+        path = ROOT / image
+        assert path.is_file(), f"README shows {image}, which does not exist"
+        with Image.open(path) as opened:
+            opened.verify()  # a real image file, not a placeholder
+
+
+def test_make_figures_from_a_run(small_checkpoint, tmp_path: Path):
+    """docs/make_figures.py extracts the dashboard images from a real run's TensorBoard event file."""
+    ckpt, _ = small_checkpoint
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "docs/make_figures.py"), "--run", str(ckpt.parent.parent), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ("samples.png", "confusion_matrix.png", "misclassified.png"):
+        image = Image.open(tmp_path / name)
+        assert image.format == "PNG" and image.width > 300 and image.height > 200
