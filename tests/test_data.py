@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -76,8 +77,11 @@ def test_prepare_fetches_missing_files_then_keeps_them(tiny):
     raw = prepare_mnist(tiny["dir"], sources=["fake"], log=lambda m: None)
     assert raw == tiny["raw"].resolve()
     assert tiny["calls"] == [list(data.RAW_FILES)]
+    umask = os.umask(0)
+    os.umask(umask)
     for name, array in tiny["arrays"].items():
         assert np.array_equal(read_idx(raw / name).numpy(), array)
+        assert (raw / name).stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any file, not mkstemp's 0600
     prepare_mnist(tiny["dir"], sources=["fake"])  # verified files: no source is asked again
     assert len(tiny["calls"]) == 1
 
