@@ -47,8 +47,10 @@ class DigitClassifier(L.LightningModule):
         self.example_input_array = torch.zeros(1, 1, 28, 28)  # lets TensorBoardLogger(log_graph=True) trace the net
 
     def configure_model(self) -> None:
-        if self.compile_net:  # in place: the state_dict keys (and so checkpoints) stay those of the plain net
+        """Compile the net when `compile=True` (in place: state_dict keys, so checkpoints, stay the plain net's)."""
+        if self.compile_net:
             self.net.compile()
+            self.example_input_array = None  # a compiled net cannot be traced for TensorBoard's graph
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log-probabilities over the 10 digits for a batch of normalized 1x28x28 images."""
@@ -90,6 +92,7 @@ class DigitClassifier(L.LightningModule):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        """Log train/loss and train/acc for the epoch."""
         self._log_epoch("train", self.train_loss, self.train_acc)
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
@@ -112,6 +115,7 @@ class DigitClassifier(L.LightningModule):
         return log_probs.detach()
 
     def on_test_epoch_end(self) -> None:
+        """Log test/loss and test/acc over the whole test set."""
         self._log_epoch("test", self.test_loss, self.test_acc)
 
     def configure_optimizers(self) -> Any:
