@@ -10,15 +10,17 @@ import difflib
 import importlib
 import inspect
 import math
+import os
 import re
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
-from hydra.errors import MissingConfigException, OverrideParseException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
 # A wheel ships the configs inside the package; a source checkout keeps them at the top level.
 _PACKAGED = Path(__file__).resolve().parent / "conf"
@@ -195,3 +197,19 @@ def one_line_error(error: Exception) -> str:
     if isinstance(cause, Exception) and str(cause):
         text += f" ({str(cause).splitlines()[0]})"
     return text
+
+
+def run_cli(hydra_task: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` task so that Hydra's own errors (a bad override, an unknown option) end in one line.
+
+    Hydra reports a bad command line in several lines; here it is `error: ...` that says what to change, and exit
+    status 1. `-m`, `--cfg`, `--help` work as usual; HYDRA_FULL_ERROR=1 shows the full traceback instead.
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        hydra_task()
+        return
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors to us instead of printing them
+    try:
+        hydra_task()
+    except (HydraException, OmegaConfBaseException) as e:
+        sys.exit(f"error: {one_line_error(e)}")

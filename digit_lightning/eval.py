@@ -28,7 +28,7 @@ from torchmetrics.classification import (
 )
 
 from digit_lightning.checkpoint import CheckpointError, load_checkpoint
-from digit_lightning.config import CONFIG_DIR
+from digit_lightning.config import CONFIG_DIR, run_cli
 from digit_lightning.dashboards import add_figure, confusion_figure, tensorboard
 from digit_lightning.data import DataError
 from digit_lightning.train import instantiate_group
@@ -158,13 +158,18 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def main(cfg: DictConfig) -> float:
+def hydra_main(cfg: DictConfig) -> float:
     """CLI entry point; a user error (no such checkpoint, no data) is one line on stderr and exit status 2."""
     try:
         return evaluate(cfg)["test/acc"]
     except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    """CLI entry point; Hydra's errors (a bad override, an unknown option) are one line (`config.run_cli`)."""
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from digit_lightning.checkpoint import CheckpointError, load_checkpoint
-from digit_lightning.config import CONFIG_DIR
+from digit_lightning.config import CONFIG_DIR, run_cli
 from digit_lightning.data import MNIST_MEAN, MNIST_STD
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -125,13 +125,18 @@ def export(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """CLI entry point; a user error is one line on stderr and exit status 2."""
     try:
         export(cfg)
     except (ExportError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def main() -> None:
+    """CLI entry point; Hydra's errors (a bad override, an unknown option) are one line (`config.run_cli`)."""
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

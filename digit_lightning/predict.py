@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from digit_lightning.checkpoint import CheckpointError, load_checkpoint
-from digit_lightning.config import CONFIG_DIR
+from digit_lightning.config import CONFIG_DIR, run_cli
 from digit_lightning.preprocess import IMAGE_SUFFIXES, PreprocessError, find_images, preprocess_image
 
 FORMATS = ("table", "json", "csv")
@@ -129,7 +129,7 @@ def predict(cfg: DictConfig) -> int:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
     """CLI entry point: exit status 0 if every file was predicted, 1 if some failed, 2 on a usage error."""
     try:
         status = predict(cfg)
@@ -137,6 +137,11 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {e}", file=sys.stderr)
         status = 2
     sys.exit(status)
+
+
+def main() -> None:
+    """CLI entry point; Hydra's errors (a bad override, an unknown option) are one line (`config.run_cli`)."""
+    run_cli(hydra_main)
 
 
 if __name__ == "__main__":

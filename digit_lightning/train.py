@@ -16,17 +16,16 @@ from typing import Any
 import hydra
 import lightning as L
 import rich
-from hydra.errors import HydraException, InstantiationException
+from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from rich.syntax import Syntax
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from digit_lightning.config import CONFIG_DIR, ConfigError, one_line_error, validate_config
+from digit_lightning.config import CONFIG_DIR, ConfigError, run_cli, validate_config
 from digit_lightning.data import DataError
 from digit_lightning.guards import NonFiniteLossError
 from digit_lightning.module import build_model
@@ -150,23 +149,17 @@ def hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    """CLI entry point (`-m`, `--cfg`, `--help` and the other Hydra flags work as usual).
+    """CLI entry point: a `ckpt_path=...` command line first becomes its original run's (see resume.py); Hydra's
+    errors are one line (`config.run_cli`)."""
 
-    A `ckpt_path=...` command line first becomes its original run's (see resume.py). Hydra reports a bad command
-    line (an unknown key or option, an unparsable override) in several lines; here it is one line that says what
-    to change. HYDRA_FULL_ERROR=1 shows the full traceback instead.
-    """
-    if not SHOW_TRACEBACKS:
-        os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors to us instead of printing them
-    try:
+    def task() -> None:
         sys.argv = resume_argv(sys.argv)
         hydra_main()
+
+    try:
+        run_cli(task)
     except ResumeError as e:
         sys.exit(f"error: {e}")
-    except (HydraException, OmegaConfBaseException) as e:
-        if SHOW_TRACEBACKS:
-            raise
-        sys.exit(f"error: {one_line_error(e)}")
 
 
 if __name__ == "__main__":

@@ -153,3 +153,12 @@ def test_more_bad_values_are_named(override: str, message: str):
     with pytest.raises(ConfigError) as err:
         validate_config(compose_config(["paths.output_dir=/tmp/x", override]))
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("entry_point", ["eval", "predict", "export"])
+def test_other_entry_points_report_a_bad_override_in_one_line(run_cli, tmp_path: Path, entry_point: str):
+    result = run_cli(f"digit_lightning.{entry_point}", "nope=1", "hydra.run.dir=run", cwd=tmp_path)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: nope=1: the config has no key 'nope'"), result.stderr
+    assert "allowed: " in lines[0] and "ckpt_path" in lines[0]  # the allowed keys are the entry point's own
