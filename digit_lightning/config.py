@@ -13,7 +13,8 @@ import math
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,16 @@ def run_cli(hydra_task: Callable[[], Any]) -> None:
         hydra_task()
     except (HydraException, OmegaConfBaseException) as e:
         sys.exit(f"error: {one_line_error(e)}")
+
+
+@contextmanager
+def user_errors_exit(*errors: type[Exception]) -> Iterator[None]:
+    """Inside a Hydra task: turn `errors` (a bad checkpoint, an unreadable input) into one line on stderr, status 2.
+
+    Caught inside the task, because Hydra's job runner would print a line of its own for an exception leaving it.
+    """
+    try:
+        yield
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

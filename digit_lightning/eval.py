@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from torchmetrics.classification import (
 )
 
 from digit_lightning.checkpoint import CheckpointError, load_checkpoint
-from digit_lightning.config import CONFIG_DIR, run_cli
+from digit_lightning.config import CONFIG_DIR, run_cli, user_errors_exit
 from digit_lightning.dashboards import add_figure, confusion_figure, tensorboard
 from digit_lightning.data import DataError
 from digit_lightning.train import instantiate_group
@@ -160,11 +159,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
 def hydra_main(cfg: DictConfig) -> float:
     """CLI entry point; a user error (no such checkpoint, no data) is one line on stderr and exit status 2."""
-    try:
+    with user_errors_exit(CheckpointError, DataError):
         return evaluate(cfg)["test/acc"]
-    except (CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main() -> None:

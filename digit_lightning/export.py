@@ -8,7 +8,6 @@ the PyTorch model.
 from __future__ import annotations
 
 import io
-import sys
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -20,7 +19,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from digit_lightning.checkpoint import CheckpointError, load_checkpoint
-from digit_lightning.config import CONFIG_DIR, run_cli
+from digit_lightning.config import CONFIG_DIR, run_cli, user_errors_exit
 from digit_lightning.data import MNIST_MEAN, MNIST_STD
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
@@ -127,11 +126,8 @@ def export(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 def hydra_main(cfg: DictConfig) -> None:
     """CLI entry point; a user error is one line on stderr and exit status 2."""
-    try:
+    with user_errors_exit(ExportError, CheckpointError):
         export(cfg)
-    except (ExportError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from digit_lightning.checkpoint import CheckpointError, load_checkpoint
-from digit_lightning.config import CONFIG_DIR, run_cli
+from digit_lightning.config import CONFIG_DIR, run_cli, user_errors_exit
 from digit_lightning.preprocess import IMAGE_SUFFIXES, PreprocessError, find_images, preprocess_image
 
 FORMATS = ("table", "json", "csv")
@@ -131,11 +131,8 @@ def predict(cfg: DictConfig) -> int:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
 def hydra_main(cfg: DictConfig) -> None:
     """CLI entry point: exit status 0 if every file was predicted, 1 if some failed, 2 on a usage error."""
-    try:
+    with user_errors_exit(UsageError, CheckpointError):
         status = predict(cfg)
-    except (UsageError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        status = 2
     sys.exit(status)
 
 
