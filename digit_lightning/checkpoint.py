@@ -1,8 +1,8 @@
-"""Load a trained `DigitClassifier` from a Lightning checkpoint safely: no pickled code runs, errors are one line.
+"""Checkpoints: loaded as data (never as code), written atomically.
 
-The checkpoint is read with `torch.load(weights_only=True)`, which refuses any pickle that would call code, and the
-model is rebuilt from the plain-data `model_config` that `build_model` stored, whose `_target_`s must come from an
-allow-list.
+A checkpoint is read with `torch.load(weights_only=True)`, which refuses any pickle that would call code. The net
+is rebuilt by *name* from `digit_lightning.models.MODELS` with plain-data arguments checked by type; no `_target_`
+read from a file is ever instantiated. The weights must fit that net before anything else happens.
 """
 
 from __future__ import annotations
@@ -14,25 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from digit_lightning.module import DigitClassifier, build_model
+from digit_lightning.atomic import atomic_open
+from digit_lightning.cli import UserError
+from digit_lightning.module import DigitClassifier
 
-# Only these may be instantiated from a checkpoint's model config: our modules and torch's layers and optimizers.
-ALLOWED_TARGET_PREFIXES = ("digit_lightning.", "torch.nn.", "torch.optim.")
 
-
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; its message is one line naming the file and the problem."""
-
-
-def _targets(node: Any) -> list[str]:
-    """Every `_target_` string in a nested config of dicts and lists."""
-    if isinstance(node, dict):
-        found = [node["_target_"]] if isinstance(node.get("_target_"), str) else []
-        return found + [t for v in node.values() for t in _targets(v)]
-    if isinstance(node, list):
-        return [t for v in node for t in _targets(v)]
-    return []
 
 
 def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -51,44 +41,26 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error below says it better
             checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message is a paragraph; the line that names what the unpickler refused is the useful one.
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         refused = next((line for line in lines if "GLOBAL" in line), None)
         if refused:  # a pickled callable: loading it without weights_only would run code
             raise CheckpointError(f"{path}: refused to load, it would run code when unpickled ({refused})") from None
         reason = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
         raise CheckpointError(f"{path}: corrupt or not a PyTorch checkpoint ({reason[:200]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
+    except Exception as e:  # torch raises many types for a truncated or foreign file (IndexError, KeyError, ...)
+        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0] or type(e).__name__
         raise CheckpointError(f"{path}: truncated, corrupt or not a PyTorch checkpoint ({reason[:200]})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         kind = "a plain state_dict" if isinstance(checkpoint, dict) else f"a {type(checkpoint).__name__}"
         raise CheckpointError(f"{path}: holds {kind}, not a Lightning checkpoint (no 'state_dict' entry)")
-    return checkpoint
-
-
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> DigitClassifier:
-    """Rebuild the trained model of a digit_lightning checkpoint, in eval mode, without unpickling any code."""
-    checkpoint = read_checkpoint(path, map_location)
-    hparams = checkpoint.get("hyper_parameters")
-    config = hparams.get("model_config") if isinstance(hparams, dict) else None
-    if not isinstance(config, dict) or config.get("_target_") != "digit_lightning.module.DigitClassifier":
-        raise CheckpointError(
-            f"{path}: not a digit_lightning checkpoint (no DigitClassifier 'model_config' in its hyper_parameters)"
-        )
-    refused = [t for t in _targets(config) if not t.startswith(ALLOWED_TARGET_PREFIXES)]
-    if refused:
-        raise CheckpointError(f"{path}: refused to build {', '.join(refused)}; a checkpoint may only name classes "
-                              f"from {', '.join(ALLOWED_TARGET_PREFIXES)}")  # fmt: skip
-    try:
-        model = build_model(config)
-    except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0]
-        raise CheckpointError(f"{path}: its model_config does not build a model ({reason[:200]})") from None
     state = checkpoint["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path}: its 'state_dict' is not a mapping of names to tensors")
-    expected = model.state_dict()
+    return checkpoint
+
+
+def check_fit(path: Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    """Raise a one-line CheckpointError unless `state` has exactly `expected`'s names and shapes."""
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
@@ -99,5 +71,43 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             if keys
         )
         raise CheckpointError(f"{path}: its weights do not fit the model it names ({detail})")
-    model.load_state_dict(state)
+
+
+def net_spec(checkpoint: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The net's name and arguments a digit_lightning checkpoint stores, checked to be plain data."""
+    hparams = checkpoint.get("hyper_parameters")
+    spec = hparams.get("net") if isinstance(hparams, dict) else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        raise CheckpointError(f"{path}: not a digit_lightning checkpoint (no model name in its hyper_parameters)")
+    return spec
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> DigitClassifier:
+    """The trained model of a digit_lightning checkpoint, in eval mode, rebuilt by name without running its code."""
+    path = Path(path)
+    checkpoint = read_checkpoint(path, map_location)
+    spec = net_spec(checkpoint, path)
+    try:
+        model = DigitClassifier(net=spec)  # build_net checks the name and each argument; no optimizer: inference
+    except (UserError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its model cannot be built ({' '.join(str(e).split())[:200]})") from None
+    check_fit(path, checkpoint["state_dict"], model.state_dict())
+    model.load_state_dict(checkpoint["state_dict"])
     return model.to(map_location).eval()
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """`torch.save` to a temp file in the checkpoint's directory, fsync, then rename it into place.
+
+    Lightning's own save goes through an fsspec transaction whose temp file lives in the system temp dir; across
+    filesystems its final move is a copy, and a kill during it leaves a truncated `last.ckpt`.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        """Write to a temp file beside `path`, then rename it into place (remote paths: Lightning's own way)."""
+        if "://" in str(path) and not str(path).startswith("file://"):
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        path = Path(str(path).removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(path) as f:
+            torch.save(checkpoint, f)

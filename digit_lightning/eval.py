@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,13 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from digit_lightning.checkpoint import CheckpointError, load_checkpoint
-from digit_lightning.config import CONFIG_DIR, run_cli, user_errors_exit
-from digit_lightning.dashboards import add_figure, confusion_figure, tensorboard
-from digit_lightning.data import DataError
-from digit_lightning.train import instantiate_group
+from digit_lightning import cli
+from digit_lightning.callbacks.dashboards import add_figure, confusion_figure, tensorboard
+from digit_lightning.checkpoint import load_checkpoint
+from digit_lightning.config import validate_config
+from digit_lightning.runs import ResumeError, find_checkpoint
 
 log = logging.getLogger(__name__)
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
 
 
 class ClassMetrics(L.Callback):
@@ -123,16 +121,18 @@ def print_report(result: dict[str, Any]) -> None:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Test `cfg.ckpt_path` on the official test set; log, write and return the report."""
+    validate_config(cfg, "eval")
     if not cfg.get("ckpt_path"):
-        raise CheckpointError("ckpt_path is not set; pass ckpt_path=<run dir>/checkpoints/<name>.ckpt")
-    model = load_checkpoint(cfg.ckpt_path)
+        raise ResumeError("ckpt_path is not set; pass ckpt_path=last, a run dir or a .ckpt file")
+    ckpt_path = find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
+    model = load_checkpoint(ckpt_path)
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     class_metrics = ClassMetrics()
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[class_metrics], logger=instantiate_group(cfg.get("logger"))
+        cfg.trainer, callbacks=[class_metrics], logger=cli.instantiate_group(cfg.get("logger"))
     )
     scores = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-    result = report(cfg.ckpt_path, scores, class_metrics.compute())
+    result = report(str(ckpt_path), scores, class_metrics.compute())
 
     per_class = {f"test/{k}/{d}": m[k] for d, m in result["per_class"].items() for k in ("precision", "recall", "f1")}
     for logger in trainer.loggers:
@@ -156,16 +156,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="eval")
 def hydra_main(cfg: DictConfig) -> float:
-    """CLI entry point; a user error (no such checkpoint, no data) is one line on stderr and exit status 2."""
-    with user_errors_exit(CheckpointError, DataError):
-        return evaluate(cfg)["test/acc"]
+    """The Hydra task: evaluate and return test/acc."""
+    cli.route_lightning_logs()
+    return evaluate(cfg)["test/acc"]
 
 
 def main() -> None:
-    """CLI entry point; Hydra's errors (a bad override, an unknown option) are one line (`config.run_cli`)."""
-    run_cli(hydra_main)
+    """CLI entry point: any user error is one `error:` line, exit status 2 (see digit_lightning.cli)."""
+    cli.run(hydra_main)
 
 
 if __name__ == "__main__":

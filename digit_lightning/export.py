@@ -18,21 +18,26 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from digit_lightning.checkpoint import CheckpointError, load_checkpoint
-from digit_lightning.config import CONFIG_DIR, run_cli, user_errors_exit
-from digit_lightning.data import MNIST_MEAN, MNIST_STD
+from digit_lightning import cli
+from digit_lightning.checkpoint import load_checkpoint
+from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
+from digit_lightning.runs import find_checkpoint
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT, OUTPUT = "image", "log_probs"
+MIN_OPSET = 18  # torch.onnx's exporter writes opset 18 for anything older (after a traceback)
 
 
-class ExportError(RuntimeError):
+class ExportError(cli.UserError):
     """An export that cannot be done as asked; one line saying why."""
 
 
 def export_onnx(net: nn.Module, path: Path, opset: int = 18) -> None:
     """ONNX with a dynamic batch axis, one self-contained file, MNIST normalization recorded in its metadata."""
-    import onnx
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError("ONNX export needs the export extra: pip install 'digit-lightning[export]'") from None
 
     example = torch.zeros(2, 1, 28, 28)
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # the exporter reports its progress on stdout
@@ -91,11 +96,14 @@ def run_exported(path: Path, fmt: str, images: torch.Tensor) -> np.ndarray:
 def export(cfg: DictConfig) -> Path:
     """Write the export the config asks for; check it against the PyTorch model; return its path."""
     if not cfg.get("ckpt_path"):
-        raise ExportError("ckpt_path is not set; pass ckpt_path=<run dir>/checkpoints/<name>.ckpt")
+        raise ExportError("ckpt_path is not set; pass ckpt_path=last, a run dir or a .ckpt file")
     if cfg.format not in FORMATS:
         raise ExportError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
-    net = load_checkpoint(cfg.ckpt_path).net.eval()
-    output = Path(cfg.output) if cfg.get("output") else Path(cfg.ckpt_path).with_suffix(FORMATS[cfg.format])
+    if cfg.format == "onnx" and (not isinstance(cfg.opset, int) or isinstance(cfg.opset, bool) or cfg.opset < MIN_OPSET):
+        raise ExportError(f"opset={cfg.opset} must be a whole number >= {MIN_OPSET} (torch's ONNX exporter's oldest)")
+    ckpt_path = find_checkpoint(cfg.ckpt_path, cfg.log_dir)
+    net = load_checkpoint(ckpt_path).net.eval()
+    output = Path(cfg.output) if cfg.get("output") else ckpt_path.with_suffix(FORMATS[cfg.format])
     if output.is_dir():
         raise ExportError(f"output={output} is a directory; pass a file name, e.g. output={output}/digit.onnx")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -123,16 +131,15 @@ def export(cfg: DictConfig) -> Path:
     return output
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="export")
 def hydra_main(cfg: DictConfig) -> None:
-    """CLI entry point; a user error is one line on stderr and exit status 2."""
-    with user_errors_exit(ExportError, CheckpointError):
-        export(cfg)
+    """The Hydra task: export, then check the file."""
+    export(cfg)
 
 
 def main() -> None:
-    """CLI entry point; Hydra's errors (a bad override, an unknown option) are one line (`config.run_cli`)."""
-    run_cli(hydra_main)
+    """CLI entry point: a user error is one `error:` line, exit status 2 (see digit_lightning.cli)."""
+    cli.run(hydra_main)
 
 
 if __name__ == "__main__":

@@ -3,36 +3,43 @@
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch.optim.lr_scheduler import OneCycleLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from digit_lightning.models import build_net
+
 Batch = tuple[torch.Tensor, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 class DigitClassifier(L.LightningModule):
-    """Wraps a net that returns log-probabilities; the optimizer (and optional LR scheduler) come from config.
+    """Trains a net from `digit_lightning.models` (named by `net`, which returns log-probabilities); the optimizer
+    and the optional LR scheduler are factories from the config.
 
     Logged: train/loss, train/acc, val/loss, val/acc, val/acc_best, test/loss, test/acc (epoch means).
+    The hyperparameters a checkpoint stores are plain data (the net's name and arguments), so
+    `DigitClassifier.load_from_checkpoint` rebuilds the net by name and runs no code from the file.
     """
 
     def __init__(
         self,
-        net: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        net: Mapping[str, Any] | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         compile: bool = False,
     ) -> None:
         super().__init__()
-        self.net = net
+        net = dict(net or {"name": "digit"})
+        self.save_hyperparameters({"net": net, "compile": bool(compile)})
+        self.net = build_net(**net)
         self.compile_net = compile
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
@@ -55,15 +62,6 @@ class DigitClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log-probabilities over the 10 digits for a batch of normalized 1x28x28 images."""
         return self.net(x)
-
-    @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = "cpu", **kwargs: Any) -> DigitClassifier:
-        """Lightning's usual call, routed through the safe loader: weights_only, one-line errors, eval mode."""
-        from digit_lightning.checkpoint import load_checkpoint  # it imports this module
-
-        if kwargs:
-            raise TypeError(f"DigitClassifier.load_from_checkpoint takes no overrides, got {sorted(kwargs)}")
-        return load_checkpoint(checkpoint_path, map_location=map_location or "cpu")
 
     def _step(
         self, batch: Batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy
@@ -120,6 +118,8 @@ class DigitClassifier(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         """The configured optimizer and LR scheduler (a whole-run schedule like OneCycle steps every batch)."""
+        if self.optimizer_factory is None:
+            raise ValueError("DigitClassifier was built without an optimizer (inference only); pass optimizer=...")
         optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
@@ -131,14 +131,22 @@ class DigitClassifier(L.LightningModule):
         scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
+    def on_train_start(self) -> None:
+        """A run resumed with more epochs than it was planned for: stretch its one-cycle schedule to the new length."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler, steps = config.scheduler, int(self.trainer.estimated_stepping_batches)
+            if isinstance(scheduler, OneCycleLR) and scheduler.total_steps != steps:
+                log.info(f"Re-planned the one-cycle schedule from {scheduler.total_steps} to {steps} steps "
+                         f"(trainer.max_epochs={self.trainer.max_epochs}); it continues from step {scheduler.last_epoch}")  # fmt: skip
+                replan_one_cycle(scheduler, steps)
 
-def build_model(config: DictConfig | dict) -> DigitClassifier:
-    """Instantiate the `model` config and keep it (as plain data) in the hparams every checkpoint stores.
 
-    That lets a checkpoint rebuild its own model without unpickling any code.
-    """
-    if isinstance(config, DictConfig):
-        config = OmegaConf.to_container(config, resolve=True)
-    model = hydra.utils.instantiate(config)
-    model.hparams["model_config"] = config
-    return model
+def replan_one_cycle(scheduler: OneCycleLR, total_steps: int) -> None:
+    """Give a OneCycleLR a new length, as if it had been created with `total_steps` (torch computes the phase ends
+    from it once, in __init__)."""
+    fresh = OneCycleLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), max_lr=1.0, total_steps=total_steps,
+                       pct_start=(scheduler._schedule_phases[0]["end_step"] + 1) / scheduler.total_steps,
+                       three_phase=len(scheduler._schedule_phases) == 3)  # fmt: skip
+    for phase, new in zip(scheduler._schedule_phases, fresh._schedule_phases, strict=True):
+        phase["end_step"] = new["end_step"]
+    scheduler.total_steps = total_steps

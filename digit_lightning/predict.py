@@ -21,14 +21,15 @@ from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.table import Table
 
-from digit_lightning.checkpoint import CheckpointError, load_checkpoint
-from digit_lightning.config import CONFIG_DIR, run_cli, user_errors_exit
-from digit_lightning.preprocess import IMAGE_SUFFIXES, PreprocessError, find_images, preprocess_image
+from digit_lightning import cli
+from digit_lightning.checkpoint import load_checkpoint
+from digit_lightning.data.preprocess import IMAGE_SUFFIXES, PreprocessError, find_images, preprocess_image
+from digit_lightning.runs import find_checkpoint
 
 FORMATS = ("table", "json", "csv")
 
 
-class UsageError(ValueError):
+class UsageError(cli.UserError):
     """A bad setting on the command line; one line saying which and what to pass instead."""
 
 
@@ -97,15 +98,17 @@ def render(results: list[dict[str, Any]], fmt: str) -> str:
 def check_settings(cfg: DictConfig) -> list[str]:
     """Validate the command line; return the inputs as a list of strings."""
     if not cfg.get("ckpt_path"):
-        raise UsageError("ckpt_path is not set; pass ckpt_path=<run dir>/checkpoints/<name>.ckpt")
+        raise UsageError("ckpt_path is not set; pass ckpt_path=last, a run dir or a .ckpt file")
     inputs = cfg.get("inputs")
     inputs = list(inputs) if isinstance(inputs, ListConfig) else ([inputs] if inputs else [])
     if not inputs:
         raise UsageError("no inputs; pass inputs=[digit.png,scans/] (files and/or directories)")
     if cfg.format not in FORMATS:
         raise UsageError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
-    if not isinstance(cfg.top_k, int) or not 1 <= cfg.top_k <= 10:
+    if not isinstance(cfg.top_k, int) or isinstance(cfg.top_k, bool) or not 1 <= cfg.top_k <= 10:
         raise UsageError(f"top_k={cfg.top_k} must be a whole number from 1 to 10")
+    if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
+        raise UsageError(f"batch_size={cfg.batch_size} must be a whole number >= 1")
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise UsageError(f"device={cfg.device} is not one of cpu, cuda, auto")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -117,7 +120,7 @@ def predict(cfg: DictConfig) -> int:
     """Run the prediction the config describes, print it; return the exit status."""
     inputs = check_settings(cfg)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
-    model = load_checkpoint(cfg.ckpt_path, map_location=device)
+    model = load_checkpoint(find_checkpoint(cfg.ckpt_path, cfg.log_dir), map_location=device)
     results, errors = predict_files(model, inputs, cfg.top_k, cfg.batch_size)
     if results or cfg.format != "table":
         print(render(results, cfg.format))
@@ -125,20 +128,18 @@ def predict(cfg: DictConfig) -> int:
         print(f"error: {line}", file=sys.stderr)
     if errors:
         print(f"{len(errors)} of {len(results) + len(errors)} inputs failed", file=sys.stderr)
-    return 1 if errors else 0
+    return cli.EXIT_SOME_FAILED if errors else 0
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="predict")
 def hydra_main(cfg: DictConfig) -> None:
-    """CLI entry point: exit status 0 if every file was predicted, 1 if some failed, 2 on a usage error."""
-    with user_errors_exit(UsageError, CheckpointError):
-        status = predict(cfg)
-    sys.exit(status)
+    """The Hydra task: exit status 0 if every file was predicted, 1 if some failed."""
+    sys.exit(predict(cfg))
 
 
 def main() -> None:
-    """CLI entry point; Hydra's errors (a bad override, an unknown option) are one line (`config.run_cli`)."""
-    run_cli(hydra_main)
+    """CLI entry point: a usage error is one `error:` line, exit status 2 (see digit_lightning.cli)."""
+    cli.run(hydra_main)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Train the digit classifier, then test its best checkpoint: `python -m digit_lightning.train [overrides]`.
 
-Hydra composes conf/train.yaml (see README for the groups); `-m` runs a sweep, one run dir per job.
+Hydra composes conf/train.yaml; `-m` runs a sweep, one run dir per job; `ckpt_path=last|<run dir>|<file>` resumes.
 """
 
 from __future__ import annotations
@@ -9,48 +9,25 @@ import json
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
-import rich
-from hydra.errors import InstantiationException
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
-from rich.syntax import Syntax
-from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from digit_lightning.config import CONFIG_DIR, ConfigError, run_cli, validate_config
-from digit_lightning.data import DataError
-from digit_lightning.guards import NonFiniteLossError
-from digit_lightning.module import build_model
-from digit_lightning.resume import EXIT_SIGTERM, ResumeError, find_checkpoint, resume_argv
+from digit_lightning import cli, runs
+from digit_lightning.atomic import atomic_open
+from digit_lightning.config import validate_config
 
 log = logging.getLogger(__name__)
-# num_workers=0 is deliberate: the data is in memory and worker processes cost more than they save.
-warnings.filterwarnings("ignore", ".*does not have many workers.*")
-# Errors the user can fix from the message alone: the CLI prints them as one line, without a traceback.
-USER_ERRORS = (
-    ConfigError,
-    DataError,
-    ResumeError,
-    NonFiniteLossError,
-    InstantiationException,
-    MisconfigurationException,
-)
-SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"  # read before main() sets it for its own use
-
-
-def instantiate_group(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every `_target_` entry of a config group such as `callbacks` or `logger`."""
-    if not cfg:
-        return []
-    return [hydra.utils.instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+OmegaConf.register_new_resolver("resume_dir", runs.resume_dir, replace=True)  # hydra.run.dir, conf/hydra/default.yaml
+OmegaConf.register_new_resolver("resume_subdir", runs.resume_subdir, replace=True)  # hydra.output_subdir
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -74,6 +51,8 @@ def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
 @rank_zero_only  # other DDP ranks have no TensorBoard writer
 def log_hyperparameters(loggers: list[Logger], cfg: DictConfig, metrics: list[str]) -> None:
     """Record the settings in every logger; in TensorBoard, tie them to `metrics` for the HParams tab."""
+    from torch.utils.tensorboard.summary import hparams as hparams_summary
+
     params = flat_hparams(cfg)
     for logger in loggers:
         logger.log_hyperparams(params)
@@ -88,20 +67,20 @@ def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (if `cfg.train`) and test (if `cfg.test`); return every logged metric as a float."""
     validate_config(cfg)
     if cfg.get("seed") is not None:
-        L.seed_everything(cfg.seed, workers=True)
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
 
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    model = build_model(cfg.model)
-    loggers = instantiate_group(cfg.get("logger"))
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    model: L.LightningModule = hydra.utils.instantiate(cfg.model, _convert_="all")
+    loggers = cli.instantiate_group(cfg.get("logger"))
+    callbacks = cli.instantiate_group(cfg.get("callbacks"))
     if not loggers:  # logger=none: the LR monitor would have nowhere to write (and Lightning refuses to run it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     log_hyperparameters(trainer.loggers, cfg, [cfg.optimized_metric, "test/acc"])
 
-    ckpt_path = cfg.get("ckpt_path")
-    if ckpt_path:
-        ckpt_path = find_checkpoint(ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs")
+    ckpt_path = None
+    if cfg.get("ckpt_path"):
+        ckpt_path = runs.find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
         log.info(f"Resuming from {ckpt_path}")
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -111,7 +90,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         if not best:
             log.warning("No best checkpoint was saved; testing the current weights.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         log.info(
             "Test on the official test set: "
@@ -125,41 +104,60 @@ def train(cfg: DictConfig) -> dict[str, float]:
 
 
 def write_metrics(path: Path, metrics: dict[str, float], trainer: L.Trainer) -> None:
-    """Leave the run's final metrics in its run dir, where `digit_lightning.sweep_report` reads them."""
+    """Leave the run's final metrics in its run dir (atomically), where `digit_lightning.sweep_report` reads them."""
     record = {**metrics, "epoch": trainer.current_epoch, "global_step": trainer.global_step}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    with atomic_open(path) as f:
+        f.write((json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def summary(cfg: DictConfig) -> str:
+    """One line that says what this run trains, and where its files go."""
+    m, d, t = cfg.model, cfg.data, cfg.trainer
+    scheduler = m.get("scheduler")
+    schedule = scheduler._target_.rsplit(".", 1)[-1] if scheduler else "constant lr"
+    return (
+        f"Training {m.net.name} with {m.optimizer._target_.rsplit('.', 1)[-1]} lr={m.optimizer.lr} ({schedule}), "
+        f"batch {d.batch_size}, {t.max_epochs} epochs, seed {cfg.seed} -> {cfg.paths.output_dir}"
+    )
+
+
+@hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    """The Hydra task: check the config, print it, train; returns `cfg.optimized_metric` for sweepers."""
-    try:
-        validate_config(cfg)  # before printing, so that a bad value is not buried under the config
+    """The Hydra task: check the config, (re)load a resumed run's settings, train; returns `cfg.optimized_metric`."""
+    cli.route_lightning_logs()
+    validate_config(cfg)  # before anything else, so that a bad value is not buried under other output
+    hydra_cfg = HydraConfig.get()
+    single = hydra_cfg.mode is None or hydra_cfg.mode.name == "RUN"
+    resumed = False
+    if cfg.get("ckpt_path") and single:
+        run_dir = runs.run_dir_of(runs.find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir))
+        if run_dir is not None and Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve():
+            cfg = runs.resumed_config(cfg, run_dir, list(hydra_cfg.overrides.task))
+            validate_config(cfg)
+            resumed = True
+    output_dir = Path(cfg.paths.output_dir)
+    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:  # DDP ranks > 0 share rank 0's dir
+        lock = runs.lock_run_dir(output_dir)  # noqa: F841  (held until the process ends)
+        if resumed:  # the settings the run continues with, for the next resume (this command's are in .hydra/resume)
+            (output_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+    if cfg.get("extras", {}).get("print_config"):
+        import rich
+        from rich.syntax import Syntax
+
         rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
+    if cfg.get("train"):
+        log.info(summary(cfg))
+    try:
         metrics = train(cfg)
-    except SIGTERMException:  # the checkpoint and the resume command are already out (resume.ResumableRun)
-        sys.exit(EXIT_SIGTERM)
-    except USER_ERRORS as e:
-        if SHOW_TRACEBACKS:
-            raise
-        # SystemExit passes through Hydra's job runner, which would print a line of its own for an Exception.
-        raise SystemExit(f"error: {' '.join(str(e).split())}") from None
+    except SIGTERMException:  # the checkpoint and the resume command are already out (ResumableRun)
+        sys.exit(cli.EXIT_SIGTERM)
     return metrics.get(cfg.get("optimized_metric"))
 
 
 def main() -> None:
-    """CLI entry point: a `ckpt_path=...` command line first becomes its original run's (see resume.py); Hydra's
-    errors are one line (`config.run_cli`)."""
-
-    def task() -> None:
-        sys.argv = resume_argv(sys.argv)
-        hydra_main()
-
-    try:
-        run_cli(task)
-    except ResumeError as e:
-        sys.exit(f"error: {e}")
+    """CLI entry point: Hydra's errors and ours are one `error:` line, exit status 2 (see digit_lightning.cli)."""
+    cli.run(hydra_main)
 
 
 if __name__ == "__main__":

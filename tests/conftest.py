@@ -12,7 +12,7 @@ import pytest
 from omegaconf import DictConfig
 from PIL import Image
 
-from digit_lightning.config import compose_config
+from digit_lightning.cli import compose_config
 from digit_lightning.data import prepare_mnist
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from digit_lightning.config import CONFIG_DIR, ConfigError, compose_config, one_line_error, validate_config
+from digit_lightning.cli import CONFIG_DIR, compose_config, one_line
+from digit_lightning.config import ConfigError, validate_config
 from digit_lightning.train import train
 
 # override -> the one line the CLI must print (after "error: ")

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from digit_lightning.dashboards import Dashboards
+from digit_lightning.callbacks.dashboards import Dashboards
 from digit_lightning.train import train
 
 TINY = ["data.batch_size=32", "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=3", "test=false",

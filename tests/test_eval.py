@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from digit_lightning.config import compose_config
+from digit_lightning.cli import compose_config
 from digit_lightning.eval import evaluate
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from digit_lightning.checkpoint import load_checkpoint
-from digit_lightning.config import compose_config
+from digit_lightning.cli import compose_config
 from digit_lightning.data import MNIST_MEAN, MNIST_STD, read_idx
 from digit_lightning.export import export
 

@@ -19,7 +19,7 @@ def test_wheel_ships_and_uses_its_configs(tmp_path: Path):
 
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
-    code = "from digit_lightning.config import CONFIG_DIR, compose_config; compose_config(); print(CONFIG_DIR)"
+    code = "from digit_lightning.cli import CONFIG_DIR, compose_config; compose_config(); print(CONFIG_DIR)"
     env = {**os.environ, "PYTHONPATH": str(site)}
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from digit_lightning.checkpoint import load_checkpoint
-from digit_lightning.config import compose_config
+from digit_lightning.cli import compose_config
 from digit_lightning.data import MNIST_MEAN, MNIST_STD, read_idx
 from digit_lightning.predict import UsageError, check_settings, predict_files, render
-from digit_lightning.preprocess import PreprocessError, preprocess_image
+from digit_lightning.data.preprocess import PreprocessError, preprocess_image
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 

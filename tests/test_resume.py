@@ -17,8 +17,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digit_lightning import checkpoint_io
-from digit_lightning.checkpoint_io import AtomicCheckpointIO
-from digit_lightning.config import compose_config
+from digit_lightning.checkpoint import AtomicCheckpointIO
+from digit_lightning.cli import compose_config
 from digit_lightning.resume import ResumeError, find_checkpoint, resume_argv
 from digit_lightning.train import train
 

@@ -20,8 +20,8 @@ from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 
 from digit_lightning import data
-from digit_lightning.checkpoint_io import AtomicCheckpointIO
-from digit_lightning.config import CONFIG_DIR
+from digit_lightning.checkpoint import AtomicCheckpointIO
+from digit_lightning.cli import CONFIG_DIR
 from digit_lightning.data import MNISTDataModule, idx_bytes
 from digit_lightning.module import build_model
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 
-from digit_lightning.config import CONFIG_DIR
+from digit_lightning.cli import CONFIG_DIR
 from digit_lightning.sweep_report import main as report_main
 from digit_lightning.sweep_report import write_report
 

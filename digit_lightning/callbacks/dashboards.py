@@ -7,30 +7,36 @@ logger (`logger=csv`, `logger=none`) it does nothing.
 
 from __future__ import annotations
 
-import warnings
+from typing import TYPE_CHECKING
 
 import lightning as L
-import matplotlib
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics.classification import MulticlassConfusionMatrix
 
-from digit_lightning.data import MNIST_MEAN, MNIST_STD
+from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 
-matplotlib.use("Agg")  # render to memory: no display needed, safe in workers and on servers
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-from matplotlib.figure import Figure  # noqa: E402
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CLASSES = [str(d) for d in range(10)]
-# TensorBoardLogger(log_graph=True) traces the model with torch.jit.trace, which torch now flags as deprecated.
-warnings.filterwarnings("ignore", r"`torch\.jit\.trace(_method)?` is deprecated", FutureWarning)
+
+
+def pyplot():  # noqa: ANN201
+    """matplotlib's pyplot on the Agg backend (to memory: no display), imported on first use: it is slow to import."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def confusion_figure(matrix: torch.Tensor, title: str = "confusion matrix") -> Figure:
     """A 10x10 confusion matrix (rows: true digit, columns: predicted) with counts in the cells."""
     counts = matrix.detach().cpu().numpy()
-    fig, ax = plt.subplots(figsize=(6, 5.5), dpi=100)
+    fig, ax = pyplot().subplots(figsize=(6, 5.5), dpi=100)
     # Colour by row share, so that rare mistakes still show next to the large diagonal.
     share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
     ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
@@ -49,7 +55,7 @@ def image_grid(images: torch.Tensor, titles: list[str], title: str, columns: int
     """A grid of normalized 1x28x28 digits (shown as MNIST shows them, white on black) with a caption each."""
     pixels = (images.detach().cpu().float() * MNIST_STD + MNIST_MEAN).clamp(0, 1).squeeze(1).numpy()
     rows = max(1, -(-len(pixels) // columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.4), dpi=100, squeeze=False)
+    fig, axes = pyplot().subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.4), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, pixels, titles, strict=False):

@@ -1,4 +1,5 @@
-"""The tutorial's `Digit` CNN, kept exactly: two convolutions and two linear layers, returning log-probabilities."""
+"""The seed tutorial's `Digit` CNN, kept exactly: two convolutions and two linear layers, returning log-probabilities
+(1,007,590 parameters)."""
 
 import torch
 import torch.nn.functional as F

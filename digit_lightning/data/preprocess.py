@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from digit_lightning.data import MNIST_MEAN, MNIST_STD
+from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 BOX, FRAME = 20, 28  # MNIST: the digit fits a 20x20 box inside the 28x28 image

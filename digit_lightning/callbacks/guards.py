@@ -6,8 +6,10 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from digit_lightning.cli import UserError
 
-class NonFiniteLossError(RuntimeError):
+
+class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; the message says where, what is intact and what to change."""
 
 

@@ -1,0 +1,7 @@
+"""Lightning callbacks of this package: TensorBoard dashboards, a NaN/inf guard, resumable runs."""
+
+from digit_lightning.callbacks.dashboards import Dashboards
+from digit_lightning.callbacks.guards import FiniteLossGuard, NonFiniteLossError
+from digit_lightning.callbacks.resumable import ResumableRun
+
+__all__ = ["Dashboards", "FiniteLossGuard", "NonFiniteLossError", "ResumableRun"]

@@ -1,0 +1,77 @@
+"""`ResumableRun`: RNG states in every checkpoint (an exact resume), and a checkpoint on SIGTERM or Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from digit_lightning.runs import LAST, resume_command
+
+log = logging.getLogger(__name__)
+
+
+def _rng_states() -> dict[str, Any]:
+    """The global RNG states as plain data (lists, tensors), so checkpoints still load with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [name, keys.tolist(), pos, has_gauss, gauss],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = states["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+class ResumableRun(L.Callback):
+    """Makes fit resumable: RNG states ride in every checkpoint (the data order after a resume is the same),
+    and SIGTERM or Ctrl-C during fit saves `<dirpath>/last.ckpt` and prints the command that resumes it.
+    """
+
+    def __init__(self, dirpath: str | None = None) -> None:
+        self.dirpath = dirpath
+        self.saved: Path | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """The random-number generators' states, saved in every checkpoint."""
+        return {"rng": _rng_states()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the random-number generators' states from a checkpoint."""
+        if "rng" in state_dict:
+            _set_rng_states(state_dict["rng"])
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """On SIGTERM or Ctrl-C during fit: save `last.ckpt` and log the command that resumes the run."""
+        if trainer.state.fn != TrainerFn.FITTING or trainer.fast_dev_run:
+            return
+        if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
+        self.saved = (dirpath / LAST).resolve()
+        trainer.save_checkpoint(self.saved)  # every rank calls it (it synchronizes); rank 0 writes
+        what = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
+        self._report(what, trainer.current_epoch, trainer.global_step)
+
+    @rank_zero_only
+    def _report(self, what: str, epoch: int, step: int) -> None:
+        log.warning(
+            f"Interrupted by {what} in epoch {epoch} at step {step}; saved {self.saved}. "
+            f"To resume: {resume_command(self.saved)}"
+        )
+
+

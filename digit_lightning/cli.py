@@ -1,0 +1,160 @@
+"""What every entry point shares: where the configs are, one error path, a quiet console.
+
+Exit codes, the same for every `python -m digit_lightning.<name>`:
+  0 done; 1 done, but some inputs failed (predict: files it could not read); 2 a user error, printed as one
+  `error: ...` line that names the problem and the fix; 143 stopped by SIGTERM after saving a checkpoint.
+`HYDRA_FULL_ERROR=1` shows the full traceback instead of the one line.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+# A wheel ships the configs inside the package; a source checkout keeps them at the top level.
+_PACKAGED = Path(__file__).resolve().parent / "conf"
+CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else _PACKAGED.parent.parent / "conf")
+EXIT_SOME_FAILED, EXIT_USER_ERROR, EXIT_SIGTERM = 1, 2, 143
+SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"  # read before run() sets it for its own use
+
+
+class UserError(Exception):
+    """A problem the user can fix from the message alone: one line naming it and the fix. Every entry point
+    prints it as `error: <message>` and exits with status 2."""
+
+
+def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with command-line style overrides, outside of a Hydra run.
+
+    `paths.output_dir` comes from the Hydra run directory on the command line; pass it as an override here.
+    """
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def instantiate_group(cfg: DictConfig | None) -> list[Any]:
+    """Instantiate every `_target_` entry of a config group such as `callbacks` or `logger`."""
+    from hydra.utils import instantiate
+
+    if not cfg:
+        return []
+    return [instantiate(c) for c in cfg.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def one_line(error: BaseException) -> str:
+    """A Hydra, OmegaConf or instantiation error as one line that says what to change."""
+    cause = error.__cause__
+    if isinstance(error, MissingConfigException) and error.options is not None and error.missing_cfg_file:
+        group, _, option = error.missing_cfg_file.rpartition("/")
+        return f"{group}={option}: no such option in group '{group}'; choose from: {', '.join(error.options)}"
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override {error.override!r}; write key=value, e.g. trainer.max_epochs=5"
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and isinstance(cause.parent_node, DictConfig):
+        # An override of a key the config does not have: a misspelling, or an argument the yaml leaves out.
+        parent, key, path = cause.parent_node, str(cause.key), str(cause.full_key)
+        allowed = [k for k in parent if not str(k).startswith("_")]
+        close = difflib.get_close_matches(key, allowed, n=1)
+        if close:
+            hint = f"did you mean {path.rpartition('.')[0] + '.' if '.' in path else ''}{close[0]}?"
+        elif "_target_" in parent:
+            hint = f"to pass an argument the config leaves out, add it with +{path}=..."
+        else:
+            hint = f"the keys here are: {', '.join(map(str, allowed))}"
+        return f"{path}: no such key; {hint}"
+    if isinstance(error, InstantiationException) and cause is not None:
+        # Lightning, torch or our classes refused an argument; their message says which.
+        where = f" ({error.full_key})" if getattr(error, "full_key", None) else ""
+        return f"{type(cause).__name__}{where}: {' '.join(str(cause).split())}"
+    text = " ".join(str(error).split("Config search path")[0].split())
+    if "No match in the defaults list" in text:
+        return f"{text.split(chr(39))[1]}: this command has no such config group; see --help for its groups"
+    return text
+
+
+def log_to_file(message: str) -> None:
+    """Write `message` to the run's log file only (the console gets the one `error:` line)."""
+    record = logging.LogRecord("digit_lightning", logging.ERROR, "", 0, message, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
+def fail(message: str) -> None:
+    """Print `error: <message>` (one line) and exit with the user-error status."""
+    log_to_file(message)
+    print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+@contextmanager
+def exit_on_user_error() -> Iterator[None]:
+    """Turn a `UserError` (and Hydra's own errors) raised in the block into one line and status 2."""
+    try:
+        yield
+    except UserError as e:
+        if SHOW_TRACEBACKS:
+            raise
+        fail(str(e))
+    except (HydraException, OmegaConfBaseException) as e:
+        if SHOW_TRACEBACKS:
+            raise
+        fail(one_line(e))
+
+
+class NoTips(logging.Filter):
+    """Drops Lightning's advertising tips ("💡 Tip: ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep every record but a tip."""
+        return "💡" not in str(record.msg)
+
+
+THIRD_PARTY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics")
+
+
+def quiet() -> None:
+    """Filter, in this one place, the third-party warnings and tips that print on every run and say nothing."""
+    for message in (
+        ".*does not have many workers.*",  # the data is in memory: worker processes would only cost
+        r".*`torch\.jit\.trace(_method)?` is deprecated.*",  # TensorBoard's graph traces the model
+        ".*LeafSpec.*",  # torch's pytree deprecation, raised inside Lightning and torchmetrics
+        ".*The number of training batches .* is smaller than the logging interval.*",
+        ".*The `srun` command is available on your system but is not used.*",  # a SLURM login node, not a job
+    ):
+        warnings.filterwarnings("ignore", message)
+    for name in THIRD_PARTY_LOGGERS:
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(NoTips())
+
+
+def route_lightning_logs() -> None:
+    """Send Lightning's and torchmetrics' messages through the root logger that Hydra configured, so that they
+    reach the run's log file as well as the console (they bring console handlers of their own when imported)."""
+    root = logging.getLogger()
+    if not root.handlers:
+        return
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    for handler in root.handlers:
+        handler.addFilter(NoTips())
+
+
+def run(hydra_main: Callable[[], Any]) -> None:
+    """Run a `@hydra.main` task with one error path: any user error, Hydra's included, is one line and status 2."""
+    quiet()
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors to us instead of printing them
+    with exit_on_user_error():
+        hydra_main()

@@ -1,0 +1,53 @@
+"""The nets, by name. `model.net.name` picks one; the other keys of `model.net` are its arguments.
+
+Checkpoints store this name and these arguments as plain data, and `build_net` is the only way a net is rebuilt
+from one: a name outside `MODELS`, or an argument of the wrong type, is refused, and no `_target_` from a file
+is ever instantiated. Adding a model: a module here, one line in `MODELS`, one yaml in `conf/model/`.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from digit_lightning.cli import UserError
+from digit_lightning.models.digit import Digit
+
+MODELS: dict[str, type[nn.Module]] = {"digit": Digit}
+PLAIN = (bool, int, float, str)
+
+
+class ModelError(UserError):
+    """A net that cannot be built as named; one line saying which name or argument is wrong."""
+
+
+def _fits(value: Any, annotation: Any) -> bool:
+    """Whether a plain value fits an argument annotated `int`, `float`, `bool`, `str` or a tuple of them."""
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(getattr(annotation, "__name__", str(annotation)).split("|")[0].strip(), None)
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, PLAIN) and not isinstance(v, bool) for v in value)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return kind is not None and isinstance(value, kind)
+
+
+def build_net(name: str, **args: Any) -> nn.Module:
+    """The net `MODELS[name](**args)`, after checking that each argument is a plain value of the annotated type."""
+    if not isinstance(name, str) or name not in MODELS:
+        raise ModelError(f"model.net.name={name}: no such model; choose from: {', '.join(MODELS)}")
+    params = inspect.signature(MODELS[name]).parameters
+    for key, value in args.items():
+        if key not in params:
+            raise ModelError(f"model.net.{key}: {name} has no argument {key!r}; its arguments: {', '.join(params)}")
+        if not _fits(value, params[key].annotation):
+            raise ModelError(f"model.net.{key}={value!r}: must be {params[key].annotation} for {name}")
+    return MODELS[name](**args)
+
+
+def count_parameters(net: nn.Module) -> int:
+    """The number of trainable parameters."""
+    return sum(p.numel() for p in net.parameters() if p.requires_grad)
