@@ -75,8 +75,9 @@ def one_line(error: BaseException) -> str:
         return f"{path}: no such key; {hint}"
     if isinstance(error, InstantiationException) and cause is not None:
         # Lightning, torch or our classes refused an argument; their message says which.
-        where = f" ({error.full_key})" if getattr(error, "full_key", None) else ""
-        return f"{type(cause).__name__}{where}: {' '.join(str(cause).split())}"
+        text = str(error)
+        where = text.rsplit("full_key: ", 1)[1].strip() if "\nfull_key: " in text else type(cause).__name__
+        return f"{where}: {' '.join(str(cause).split())}"
     text = " ".join(str(error).split("Config search path")[0].split())
     if "No match in the defaults list" in text:
         return f"{text.split(chr(39))[1]}: this command has no such config group; see --help for its groups"
@@ -100,7 +101,10 @@ def fail(message: str) -> None:
 
 @contextmanager
 def exit_on_user_error() -> Iterator[None]:
-    """Turn a `UserError` (and Hydra's own errors) raised in the block into one line and status 2."""
+    """Turn a `UserError` (and Hydra's own errors) raised in the block into one line and status 2.
+
+    Every Hydra task runs its body inside it too: an exception leaving a task makes Hydra print a line of its own.
+    """
     try:
         yield
     except UserError as e:
@@ -155,6 +159,9 @@ def route_lightning_logs() -> None:
 def run(hydra_main: Callable[[], Any]) -> None:
     """Run a `@hydra.main` task with one error path: any user error, Hydra's included, is one line and status 2."""
     quiet()
+    for arg in sys.argv[1:]:
+        if not arg.startswith("-") and "=" in arg and not arg.split("=", 1)[0].lstrip("+~"):
+            fail(f"{arg!r}: an override needs a key before '='; write key=value, e.g. trainer.max_epochs=5")
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra then raises its errors to us instead of printing them
     with exit_on_user_error():
         hydra_main()

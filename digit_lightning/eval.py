@@ -160,7 +160,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 def hydra_main(cfg: DictConfig) -> float:
     """The Hydra task: evaluate and return test/acc."""
     cli.route_lightning_logs()
-    return evaluate(cfg)["test/acc"]
+    with cli.exit_on_user_error():
+        return evaluate(cfg)["test/acc"]
 
 
 def main() -> None:

@@ -134,7 +134,8 @@ def export(cfg: DictConfig) -> Path:
 @hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="export")
 def hydra_main(cfg: DictConfig) -> None:
     """The Hydra task: export, then check the file."""
-    export(cfg)
+    with cli.exit_on_user_error():
+        export(cfg)
 
 
 def main() -> None:

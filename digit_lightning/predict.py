@@ -134,7 +134,9 @@ def predict(cfg: DictConfig) -> int:
 @hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="predict")
 def hydra_main(cfg: DictConfig) -> None:
     """The Hydra task: exit status 0 if every file was predicted, 1 if some failed."""
-    sys.exit(predict(cfg))
+    with cli.exit_on_user_error():
+        status = predict(cfg)
+    sys.exit(status)
 
 
 def main() -> None:

@@ -83,6 +83,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = runs.find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
         log.info(f"Resuming from {ckpt_path}")
     if cfg.get("train"):
+        log.info(summary(cfg))
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
@@ -124,7 +125,13 @@ def summary(cfg: DictConfig) -> str:
 
 @hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="train")
 def hydra_main(cfg: DictConfig) -> float | None:
-    """The Hydra task: check the config, (re)load a resumed run's settings, train; returns `cfg.optimized_metric`."""
+    """The Hydra task: `run(cfg)`, with a user error as one line."""
+    with cli.exit_on_user_error():
+        return run(cfg)
+
+
+def run(cfg: DictConfig) -> float | None:
+    """Check the config, (re)load a resumed run's settings, lock the run dir, train; return the optimized metric."""
     cli.route_lightning_logs()
     validate_config(cfg)  # before anything else, so that a bad value is not buried under other output
     hydra_cfg = HydraConfig.get()
@@ -146,8 +153,6 @@ def hydra_main(cfg: DictConfig) -> float | None:
         from rich.syntax import Syntax
 
         rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
-    if cfg.get("train"):
-        log.info(summary(cfg))
     try:
         metrics = train(cfg)
     except SIGTERMException:  # the checkpoint and the resume command are already out (ResumableRun)
