@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -66,8 +67,14 @@ def show(value: Any) -> str:
 
 def _arguments(target: str) -> list[str] | None:
     """The keyword arguments `target` accepts; None when it takes **kwargs (then any key may be fine)."""
+    hydra_log = logging.getLogger("hydra.utils")
+    level, hydra_log.level = hydra_log.level, logging.CRITICAL  # get_object logs a failure as well as raising it
     try:
-        params = inspect.signature(get_object(target)).parameters.values()
+        obj = get_object(target)
+    finally:
+        hydra_log.setLevel(level)
+    try:
+        params = inspect.signature(obj).parameters.values()
     except (TypeError, ValueError):
         return None
     if any(p.kind is p.VAR_KEYWORD for p in params):
@@ -81,8 +88,8 @@ def _check_keys(node: dict[str, Any], path: str) -> None:
     if isinstance(target, str) and "${" not in target:
         try:
             allowed = _arguments(target)
-        except Exception as e:
-            raise ConfigError(f"{path}._target_={target}: cannot be imported ({e}); check the spelling") from None
+        except Exception:
+            raise ConfigError(f"{path}._target_={target}: cannot be imported; check the spelling") from None
         for key, value in node.items():
             if allowed is not None and not (key.startswith("_") and key.endswith("_")) and key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)

@@ -14,7 +14,7 @@ from torch.optim.lr_scheduler import OneCycleLR
 from torchmetrics import MaxMetric, MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from digit_lightning.models import build_net
+from digit_lightning.models import ModelError, build_net
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -38,6 +38,8 @@ class DigitClassifier(L.LightningModule):
     ) -> None:
         super().__init__()
         net = dict(net or {"name": "digit"})
+        if not isinstance(compile, bool):
+            raise ModelError(f"model.compile={compile!r}: must be true or false")
         self.save_hyperparameters({"net": net, "compile": bool(compile)})
         self.net = build_net(**net)
         self.compile_net = compile

@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from digit_lightning import cli, runs
 from digit_lightning.atomic import atomic_open
+from digit_lightning.checkpoint import check_resumable
 from digit_lightning.config import validate_config
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = None
     if cfg.get("ckpt_path"):
         ckpt_path = runs.find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
+        check_resumable(ckpt_path, model)  # its weights must fit before Lightning restores anything
         log.info(f"Resuming from {ckpt_path}")
     if cfg.get("train"):
         log.info(summary(cfg))

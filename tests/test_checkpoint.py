@@ -1,4 +1,5 @@
-"""Checkpoints load safely: weights_only, an allow-list of classes, and a one-line error for every bad file."""
+"""Checkpoints load safely: weights_only, nets by name, and a one-line error for every bad file (tests/test_trust.py
+has the crafted ones)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,8 @@ def test_loads_the_trained_model_in_eval_mode(small_checkpoint):
     assert isinstance(model, DigitClassifier) and not model.training
     saved = torch.load(path, weights_only=True)["state_dict"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
-    # Lightning users' habit goes through the same safe loader.
-    same = DigitClassifier.load_from_checkpoint(path)
+    # Lightning users' habit is safe too: the hyperparameters are a model name and a flag.
+    same = DigitClassifier.load_from_checkpoint(path).eval()
     assert torch.equal(same.net.fc2.weight, model.net.fc2.weight) and not same.training
 
 
@@ -46,7 +47,9 @@ def bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
         "state_dict": (tmp / "weights.pt", "plain state_dict, not a Lightning checkpoint"),
         "other_model": (tmp / "other.ckpt", "not a digit_lightning checkpoint"),
         "other_weights": (tmp / "resnet.ckpt", "weights do not fit"),
-        "code_target": (tmp / "target.ckpt", "refused to build os.system"),
+        "code_target": (tmp / "target.ckpt", "not a digit_lightning checkpoint"),
+        "text": (tmp / "notes.txt", "not a PyTorch checkpoint"),
+        "five_bytes": (tmp / "five.ckpt", "not a PyTorch checkpoint"),
     }
     (tmp / "run" / "checkpoints").mkdir(parents=True)
     (tmp / "run" / "checkpoints" / "last.ckpt").write_bytes(data)
@@ -58,14 +61,17 @@ def bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
     other = {"layer1.0.weight": torch.zeros(64, 3, 7, 7), **checkpoint["state_dict"]}
     other["net.fc2.weight"] = torch.zeros(1000, 500)
     torch.save({**checkpoint, "state_dict": other}, files["other_weights"][0])
-    config = {**checkpoint["hyper_parameters"]["model_config"], "net": {"_target_": "os.system", "command": "true"}}
-    torch.save({**checkpoint, "hyper_parameters": {"model_config": config}}, files["code_target"][0])
+    torch.save({**checkpoint, "hyper_parameters": {"net": {"_target_": "os.system", "command": "true"}}},
+               files["code_target"][0])  # fmt: skip
+    files["text"][0].write_text("these are my notes, not a checkpoint\n" * 20)
+    files["five_bytes"][0].write_bytes(b"PK\x03\x04x")
     return files
 
 
 @pytest.mark.parametrize(
     "kind",
-    ["missing", "directory", "empty", "truncated", "png", "state_dict", "other_model", "other_weights", "code_target"],
+    ["missing", "directory", "empty", "truncated", "png", "state_dict", "other_model", "other_weights", "code_target",
+     "text", "five_bytes"],
 )
 def test_bad_file_is_one_line_error(small_checkpoint, tmp_path: Path, kind: str):
     path, phrase = bad_files(tmp_path, small_checkpoint[0])[kind]
@@ -95,9 +101,21 @@ def test_pickle_that_would_run_code_is_refused_and_does_not_run(small_checkpoint
         assert marker.exists()
 
 
-def test_cli_reports_a_bad_checkpoint_in_one_line(run_cli, tmp_path: Path):
+@pytest.mark.parametrize("entry_point", ["eval", "train"])
+def test_cli_reports_a_bad_checkpoint_in_one_line(run_cli, tmp_path: Path, entry_point: str):
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
-    result = run_cli("digit_lightning.eval", f"ckpt_path={tmp_path / 'bad.ckpt'}", "hydra.run.dir=run", cwd=tmp_path)
+    result = run_cli(f"digit_lightning.{entry_point}", f"ckpt_path={tmp_path / 'bad.ckpt'}", "hydra.run.dir=run",
+                     cwd=tmp_path)  # fmt: skip
     assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'bad.ckpt'}: ")
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith(f"error: {tmp_path / 'bad.ckpt'}: ")
+
+
+def test_train_refuses_a_checkpoint_of_other_weights_in_one_line(small_checkpoint, tmp_path: Path):
+    from digit_lightning.checkpoint import check_resumable
+
+    files = bad_files(tmp_path, small_checkpoint[0])
+    for kind in ("state_dict", "other_model", "other_weights", "truncated", "text"):
+        with pytest.raises(CheckpointError):
+            check_resumable(files[kind][0], DigitClassifier())
+    check_resumable(small_checkpoint[0], DigitClassifier())

@@ -1,4 +1,4 @@
-"""Resume and reproducibility: checkpoint lookup, command-line rewriting, atomic saves, exact resume, SIGTERM."""
+"""Resume and reproducibility: checkpoint lookup, a run's saved config, atomic saves, exact resume, SIGTERM."""
 
 from __future__ import annotations
 
@@ -16,10 +16,12 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from digit_lightning import checkpoint_io
+from omegaconf import OmegaConf
+
+from digit_lightning import checkpoint
 from digit_lightning.checkpoint import AtomicCheckpointIO
-from digit_lightning.cli import compose_config
-from digit_lightning.resume import ResumeError, find_checkpoint, resume_argv
+from digit_lightning.cli import EXIT_USER_ERROR, compose_config
+from digit_lightning.runs import ResumeError, find_checkpoint, lock_run_dir, resumed_config
 from digit_lightning.train import train
 
 # A small real slice: 30 batches of 64 per epoch, validated on 640 images.
@@ -27,18 +29,20 @@ SLICE = ["trainer=cpu", "data.batch_size=64", "+trainer.limit_train_batches=30",
 
 
 def fake_run(root: Path, name: str, overrides: list[str]) -> Path:
-    """A run dir as Hydra and Lightning leave it: .hydra/overrides.yaml and checkpoints/last.ckpt."""
+    """A run dir as Hydra and Lightning leave it: .hydra/config.yaml and checkpoints/last.ckpt."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
+    cfg = compose_config(["paths.output_dir=${hydra:runtime.output_dir}", *overrides])
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
     (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
     (run / "checkpoints").mkdir()
     (run / "checkpoints" / "last.ckpt").write_bytes(b"ckpt")
     return run
 
 
-def test_find_checkpoint_accepts_a_file_a_run_dir_and_last(tmp_path: Path):
-    old = fake_run(tmp_path, "2026-01-01_00-00-00", [])
-    new = fake_run(tmp_path, "2026-01-02_00-00-00", [])
+def test_find_checkpoint_accepts_a_file_a_run_dir_and_last_of_any_task(tmp_path: Path):
+    old = fake_run(tmp_path / "train" / "runs", "2026-01-01_00-00-00", [])
+    new = fake_run(tmp_path / "fast" / "runs", "2026-01-02_00-00-00", [])
     os.utime(old / "checkpoints" / "last.ckpt", (1e9, 1e9))  # make `old` the older one by mtime
     assert find_checkpoint("last", tmp_path) == (new / "checkpoints" / "last.ckpt").resolve()
     assert find_checkpoint(old, tmp_path) == (old / "checkpoints" / "last.ckpt").resolve()
@@ -49,36 +53,33 @@ def test_find_checkpoint_accepts_a_file_a_run_dir_and_last(tmp_path: Path):
         find_checkpoint("last", tmp_path / "empty")
 
 
-def test_resume_argv_reapplies_the_original_overrides_in_the_original_run_dir(tmp_path: Path):
-    run = fake_run(tmp_path / "logs" / "sweepy" / "runs", "r1", ["data.batch_size=64", "model.optimizer.lr=0.01"])
-    argv = [
-        "train.py",
-        "ckpt_path=last",
-        "model.optimizer.lr=0.02",
-        "task_name=sweepy",
-        f"paths.log_dir={tmp_path}/logs",
-    ]
-    new = resume_argv(argv)
-    ckpt = (run / "checkpoints" / "last.ckpt").resolve()
-    assert new == [
-        "train.py",
-        "data.batch_size=64",  # from the original run; its lr is replaced by the one typed now
-        f"ckpt_path={ckpt}",
-        "model.optimizer.lr=0.02",
-        "task_name=sweepy",
-        f"paths.log_dir={tmp_path}/logs",
-        f"hydra.run.dir={run.resolve()}",
-    ]
-    assert resume_argv(new) == new  # idempotent: DDP ranks re-run the rewritten command line
-    assert resume_argv(["train.py", "-m", "ckpt_path=last"]) == ["train.py", "-m", "ckpt_path=last"]
-    assert resume_argv(["train.py", "seed=1"]) == ["train.py", "seed=1"]
+def test_a_resumed_run_takes_its_saved_settings_and_the_keys_typed_now(tmp_path: Path):
+    run = fake_run(tmp_path, "r1", ["data.batch_size=64", "trainer.max_epochs=1", "data.augment={degrees:5}"])
+    typed = ["ckpt_path=last", "trainer.max_epochs=3", "+trainer.limit_train_batches=5"]
+    cfg = resumed_config(compose_config([*typed, "paths.output_dir=/elsewhere"]), run, typed)
+    assert cfg.data.batch_size == 64 and cfg.data.augment.degrees == 5  # from the run
+    assert cfg.trainer.max_epochs == 3 and cfg.trainer.limit_train_batches == 5  # typed now
+    assert cfg.paths.output_dir == str(run)
+    with pytest.raises(ResumeError, match=r"^model.optimizer.lr=0.01: a resumed run keeps the model, optimizer state"):
+        resumed_config(compose_config(["model.optimizer.lr=0.01"]), run, ["model.optimizer.lr=0.01"])
+
+
+def test_a_second_training_in_the_same_run_dir_is_refused_and_stale_temp_files_go(tmp_path: Path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / ".tmp-last.ckptabc").write_bytes(b"half")
+    lock = lock_run_dir(tmp_path)
+    assert not (tmp_path / "checkpoints" / ".tmp-last.ckptabc").exists()
+    with pytest.raises(ResumeError, match="another training is running in this run dir"):
+        lock_run_dir(tmp_path)
+    lock.release()
+    lock_run_dir(tmp_path).release()
 
 
 def test_cli_names_a_missing_checkpoint_in_one_line(run_cli, tmp_path: Path):
     result = run_cli("digit_lightning.train", "ckpt_path=last", f"paths.log_dir={tmp_path}", cwd=tmp_path, timeout=120)
-    assert result.returncode == 1
+    assert result.returncode == EXIT_USER_ERROR
     assert result.stderr.strip().splitlines() == [
-        f"error: ckpt_path=last: no {tmp_path}/train/runs/*/checkpoints/last.ckpt; train a run first"
+        f"error: ckpt_path=last: no run under {tmp_path}/ has checkpoints/last.ckpt; train a run first"
     ]
 
 
@@ -92,7 +93,7 @@ def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path: Path, m
         f.write(b"half a checkpoint")
         raise KeyboardInterrupt  # as if killed mid-write
 
-    monkeypatch.setattr(checkpoint_io.torch, "save", dies_halfway)
+    monkeypatch.setattr(checkpoint.torch, "save", dies_halfway)
     with pytest.raises(KeyboardInterrupt):
         io.save_checkpoint({"step": 2}, target)
     monkeypatch.undo()
@@ -161,7 +162,18 @@ def test_sigterm_saves_a_checkpoint_that_resumes_into_the_same_run(mnist_dir: Pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 300  # both epochs done, in the same dir
 
-    events = EventAccumulator(str(run / "tensorboard"))  # one TensorBoard run, written by both processes
+    assert torch.load(last, weights_only=True)["global_step"] == 300  # last.ckpt is the newest state
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]  # no last-v1.ckpt
+
+    # Extending the finished run to 3 epochs, by its run dir: the one-cycle schedule is re-planned, and says so.
+    extended = subprocess.run([sys.executable, "-m", "digit_lightning.train", f"ckpt_path={run}", "trainer.max_epochs=3"],
+                              cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert extended.returncode == 0, extended.stderr[-3000:]
+    assert "Re-planned the one-cycle schedule from 300 to 450 steps" in (run / "train.log").read_text()
+    assert json.loads((run / "metrics.json").read_text())["global_step"] == 450
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").trainer.max_epochs == 3  # the next resume knows
+
+    events = EventAccumulator(str(run / "tensorboard"))  # one TensorBoard run, written by all three processes
     events.Reload()
-    assert [e.step for e in events.Scalars("val/acc")] == [149, 299]
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    assert [e.step for e in events.Scalars("val/acc")] == [149, 299, 449]
+    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 3

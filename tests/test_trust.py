@@ -1,0 +1,148 @@
+"""Checkpoints and run dirs a user is handed are data: crafted ones run nothing (a marker file must not appear)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from omegaconf import OmegaConf
+
+from digit_lightning.checkpoint import CheckpointError, check_resumable, load_checkpoint
+from digit_lightning.cli import EXIT_USER_ERROR, compose_config
+from digit_lightning.module import DigitClassifier
+from digit_lightning.runs import ResumeError, saved_config
+
+TOUCH = "digit_lightning.data.mnist.Path.touch"  # reachable through a module attribute: the old allow-list's hole
+WRITE = "digit_lightning.data.mnist.Path.write_text"
+
+
+def gadgets(marker: Path) -> dict[str, dict]:
+    """hyper_parameters of crafted checkpoints, each of which would create `marker` if it were instantiated."""
+    call = {"_target_": TOUCH, "_args_": [str(marker)]}
+    return {
+        "compile_target": {"net": {"name": "digit"}, "compile": call},
+        "net_target": {"net": {"_target_": WRITE, "self": str(marker), "data": "pwned"}},
+        "net_name_with_target": {"net": {"name": "digit", "_target_": TOUCH, "_args_": [str(marker)]}},
+        "net_argument_target": {"net": {"name": "digit", "width": call}},
+        "unknown_model": {"net": {"name": "os.system", "command": f"touch {marker}"}},
+        "old_model_config": {"model_config": {"_target_": "digit_lightning.module.DigitClassifier", "net": call}},
+        "optimizer_target": {"net": {"name": "digit"}, "optimizer": call, "scheduler": call},
+    }
+
+
+def craft(good: Path, tmp: Path, name: str, hparams: dict) -> Path:
+    checkpoint = torch.load(good, weights_only=True)
+    path = tmp / f"{name}.ckpt"
+    torch.save({**checkpoint, "hyper_parameters": hparams}, path)
+    return path
+
+
+@pytest.mark.parametrize("gadget", list(gadgets(Path("m"))))
+def test_crafted_checkpoint_runs_nothing(small_checkpoint, tmp_path: Path, gadget: str):
+    marker = tmp_path / "marker"
+    path = craft(small_checkpoint[0], tmp_path, gadget, gadgets(marker)[gadget])
+    try:
+        model = load_checkpoint(path)
+    except CheckpointError as e:
+        assert "\n" not in str(e) and str(path) in str(e)
+    else:  # loaded by name: the extra keys were ignored, never built
+        assert isinstance(model, DigitClassifier) and model.optimizer_factory is None
+    # Lightning's own classmethod passes every hyperparameter to __init__, which only takes names and flags.
+    try:
+        DigitClassifier.load_from_checkpoint(path)
+    except Exception:
+        pass
+    assert not marker.exists(), "a crafted checkpoint ran code"
+
+
+def test_weights_that_do_not_fit_are_refused_before_anything_is_built(small_checkpoint, tmp_path: Path):
+    checkpoint = torch.load(small_checkpoint[0], weights_only=True)
+    checkpoint["state_dict"]["net.fc1.weight"] = torch.zeros(3, 3)
+    torch.save(checkpoint, tmp_path / "shape.ckpt")
+    with pytest.raises(CheckpointError, match="weights do not fit the model it names.*wrong shape: net.fc1.weight"):
+        load_checkpoint(tmp_path / "shape.ckpt")
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        check_resumable(tmp_path / "shape.ckpt", DigitClassifier())
+
+
+def test_entry_points_on_crafted_checkpoints_run_nothing(small_checkpoint, run_cli, tmp_path: Path, make_photo):
+    """predict, eval and export, each on a different gadget, as a user would run them."""
+    marker = tmp_path / "marker"
+    g = gadgets(marker)
+    photo = tmp_path / "seven.png"
+    make_photo(torch.zeros(28, 28, dtype=torch.uint8).numpy() + 255 * (torch.rand(28, 28) > 0.8).numpy().astype("uint8"),
+               __import__("numpy").random.default_rng(0)).save(photo)  # fmt: skip
+    predict = run_cli("digit_lightning.predict", f"ckpt_path={craft(small_checkpoint[0], tmp_path, 'a', g['compile_target'])}",
+                      f"inputs=[{photo}]", cwd=tmp_path)  # fmt: skip
+    assert predict.returncode in (0, 1) and "Traceback" not in predict.stderr, predict.stderr  # predicts, by name
+    export = run_cli("digit_lightning.export", f"ckpt_path={craft(small_checkpoint[0], tmp_path, 'b', g['net_target'])}",
+                     "format=torchscript", cwd=tmp_path)  # fmt: skip
+    assert export.returncode == EXIT_USER_ERROR and "not a digit_lightning checkpoint" in export.stderr
+    evaluate = run_cli("digit_lightning.eval", f"ckpt_path={craft(small_checkpoint[0], tmp_path, 'c', g['net_argument_target'])}",
+                       "hydra.run.dir=eval", cwd=tmp_path)  # fmt: skip
+    assert evaluate.returncode == EXIT_USER_ERROR and len(evaluate.stderr.strip().splitlines()) == 1, evaluate.stderr
+    assert not marker.exists()
+
+
+def planted_run(small_checkpoint: Path, root: Path, edit) -> Path:
+    """A run dir someone hands you: a real checkpoint and a `.hydra/` that `edit` tampers with."""
+    run = root / "logs" / "train" / "runs" / "planted"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(small_checkpoint, run / "checkpoints" / "last.ckpt")
+    (run / ".hydra").mkdir()
+    cfg = OmegaConf.to_container(compose_config(["paths.output_dir=${hydra:runtime.output_dir}", "trainer=cpu"]))
+    overrides: list[str] = []
+    edit(cfg, overrides)
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (run / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    return run
+
+
+@pytest.mark.parametrize(
+    ("where", "node"),
+    [
+        ("callbacks", lambda m: {"x": {"_target_": TOUCH, "_args_": [str(m)]}}),
+        ("logger", lambda m: {"tensorboard": {"_target_": WRITE, "self": str(m), "data": "x"}}),
+        ("trainer", lambda m: {"plugins": [{"_target_": "builtins.exec", "_args_": [f"open('{m}','w')"]}]}),
+        ("callbacks", lambda m: {"y": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "_args_": [str(m)]}}),
+    ],
+)
+def test_planted_run_dir_config_is_refused(small_checkpoint, tmp_path: Path, where: str, node):
+    marker = tmp_path / "marker"
+
+    def edit(cfg: dict, overrides: list[str]) -> None:
+        section = cfg[where]
+        section.update(node(marker)) if isinstance(section, dict) else None
+
+    run = planted_run(small_checkpoint[0], tmp_path, edit)
+    with pytest.raises(ResumeError) as error:
+        saved_config(run)
+    assert "\n" not in str(error.value) and "refusing" in str(error.value)
+    assert not marker.exists()
+
+
+def test_training_from_a_planted_run_dir_runs_nothing(small_checkpoint, run_cli, tmp_path: Path):
+    """Through the CLI: a tampered config.yaml is refused in one line; overrides.yaml is never replayed."""
+    marker = tmp_path / "marker"
+
+    def plant_config(cfg: dict, overrides: list[str]) -> None:
+        cfg["callbacks"]["x"] = {"_target_": TOUCH, "_args_": [str(marker)]}
+
+    bad = planted_run(small_checkpoint[0], tmp_path / "a", plant_config)
+    result = run_cli("digit_lightning.train", f"ckpt_path={bad}", cwd=tmp_path / "a")
+    assert result.returncode == EXIT_USER_ERROR and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "refusing" in result.stderr and not marker.exists()
+
+    def plant_overrides(cfg: dict, overrides: list[str]) -> None:
+        overrides.append(f"+callbacks.x._target_={TOUCH}")
+        cfg["trainer"]["limit_train_batches"] = 2
+        cfg["trainer"]["limit_val_batches"] = 2
+        cfg["test"] = False
+
+    replay = planted_run(small_checkpoint[0], tmp_path / "b", plant_overrides)
+    result = run_cli("digit_lightning.train", f"ckpt_path={replay}", "trainer.max_epochs=2", cwd=tmp_path / "b")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not marker.exists()
