@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev]'  # dev includes the export, sweeps and slurm extras
 	touch $@
 
 data: install
@@ -22,10 +22,10 @@ data: install
 train: data  ## the tutorial's settings: Digit CNN, Adam, batch 16, 10 epochs
 	$(PY) -m digit_lightning.train $(ARGS)
 
-test: install data
+test: install data  ## the fast suite (a few minutes): every module, real data, no notebooks/sweeps/DDP/packaging
 	$(PY) -m pytest -m "not slow" $(ARGS)
 
-test-full: install data
+test-full: install data  ## everything, as CI runs it (slow tests included; SLURM tests need `make slurm-up`)
 	$(PY) -m pytest $(ARGS)
 
 bench: data  ## tutorial loop vs ours, time to 99%, data prep (a few minutes; ARGS=--quick for a shorter run)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from digit_lightning.cli import CONFIG_DIR, compose_config
-from digit_lightning.module import DigitClassifier, build_model
+from digit_lightning.module import DigitClassifier
 from digit_lightning.cli import instantiate_group
 
-GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "debug", "experiment", "hparams_search"]
+GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "extras", "debug", "experiment", "hparams_search"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
 NEEDS_GPU = {("trainer", "gpu"), ("trainer", "ddp")}
 
@@ -28,7 +28,7 @@ def test_option_composes_and_instantiates(make_cfg, group: str, option: str):
         pytest.skip("needs a GPU")
     cfg = make_cfg(f"{group}={option}")
     assert isinstance(hydra.utils.instantiate(cfg.data), L.LightningDataModule)
-    assert isinstance(build_model(cfg.model), DigitClassifier)
+    assert isinstance(hydra.utils.instantiate(cfg.model, _convert_="all"), DigitClassifier)
     trainer = hydra.utils.instantiate(
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
     )

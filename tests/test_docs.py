@@ -16,7 +16,7 @@ import digit_lightning
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIBUTING = (ROOT / "CONTRIBUTING.md").read_text()
-MODULES = sorted(m.name for m in pkgutil.iter_modules(digit_lightning.__path__))
+MODULES = sorted(m.name.removeprefix("digit_lightning.") for m in pkgutil.walk_packages(digit_lightning.__path__, "digit_lightning."))
 
 
 def public_objects(module) -> list[tuple[str, object]]:
@@ -39,25 +39,36 @@ def public_objects(module) -> list[tuple[str, object]]:
 @pytest.mark.parametrize("module_name", MODULES)
 def test_public_names_have_docstrings(module_name: str):
     module = importlib.import_module(f"digit_lightning.{module_name}")
-    assert (module.__doc__ or "").strip(), f"digit_lightning/{module_name}.py has no module docstring"
+    assert (module.__doc__ or "").strip(), f"digit_lightning.{module_name} has no module docstring"
     # obj.__doc__, not inspect.getdoc: an inherited docstring (Lightning's hook docs) does not say what ours does.
     missing = [name for name, obj in public_objects(module) if not (obj.__doc__ or "").strip()]
-    assert not missing, f"digit_lightning/{module_name}.py: no docstring on {', '.join(missing)}"
+    assert not missing, f"digit_lightning.{module_name}: no docstring on {', '.join(missing)}"
 
 
 def test_the_docstring_walk_finds_things():
     """Guard against a walk that checks nothing: it must see the package's well-known names."""
-    from digit_lightning import checkpoint, data, module
+    from digit_lightning import checkpoint, module
+    from digit_lightning.data import datamodule, mnist
 
-    assert "MNISTDataModule.setup" in dict(public_objects(data))
+    assert "MNISTDataModule.setup" in dict(public_objects(datamodule))
     assert "load_checkpoint" in dict(public_objects(checkpoint))
-    assert "DigitClassifier.load_from_checkpoint" in dict(public_objects(module))
-    assert "Path" not in dict(public_objects(data))  # imported, not defined there
+    assert "DigitClassifier.configure_optimizers" in dict(public_objects(module))
+    assert "Path" not in dict(public_objects(mnist))  # imported, not defined there
+    assert "data.datamodule" in MODULES and "callbacks.guards" in MODULES  # the walk goes into subpackages
 
 
 def test_contributing_layout_names_every_module():
-    layout = CONTRIBUTING.split("## Layout", 1)[1].split("##", 1)[0]
-    listed = set(re.findall(r"^\s+(\w+)\.py\s", layout, flags=re.MULTILINE)) - {"__init__"}
+    layout = CONTRIBUTING.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed, package = set(), ""
+    for line in layout.splitlines():
+        if m := re.match(r"^  (\w+)/\s*$", line):
+            package = m.group(1) + "."
+        elif m := re.match(r"^(  |    )(\w+)\.py\s", line):
+            name = m.group(2)
+            if m.group(1) == "  ":
+                package = ""
+            listed.add(package.rstrip(".") if name == "__init__" else package + name)
+    listed.discard("")
     missing, extra = set(MODULES) - listed, listed - set(MODULES)
     assert not missing and not extra, f"CONTRIBUTING.md layout: add {missing}, remove {extra}"
 
@@ -77,21 +88,23 @@ def code_block(language: str, first_line: str) -> str:
 
 
 def test_contributing_model_example_trains(run_cli, tmp_path: Path):
-    """Write the *Add a model* net and config where the text says, and train it for one batch through the CLI."""
-    net = code_block("python", "# my_nets/wide.py")
-    config = code_block("yaml", "# conf/model/wide.yaml")
-    (tmp_path / "my_nets").mkdir()
-    (tmp_path / "my_nets" / "wide.py").write_text(net)
-    (tmp_path / "configs" / "model").mkdir(parents=True)
-    (tmp_path / "configs" / "model" / "wide.yaml").write_text(config)
+    """Add the *Add a model* net, its registry line and its config to a copy of the package, and train it for one
+    batch through the CLI (run from the copy's directory, so that `python -m` imports the copy)."""
+    import shutil
 
-    result = run_cli(
-        "digit_lightning.train", "model=wide", "model.net.width=32", "debug=fdr", "callbacks.progress_bar=null",
-        f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "paths.log_dir=logs",
-        cwd=tmp_path,  # my_nets is importable from here: `python -m` puts the working directory on sys.path
-    )  # fmt: skip
+    shutil.copytree(ROOT / "digit_lightning", tmp_path / "digit_lightning", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    (tmp_path / "digit_lightning" / "models" / "wide.py").write_text(code_block("python", "# digit_lightning/models/wide.py"))
+    (tmp_path / "conf" / "model" / "wide.yaml").write_text(code_block("yaml", "# conf/model/wide.yaml"))
+    registry = tmp_path / "digit_lightning" / "models" / "__init__.py"
+    text = registry.read_text()
+    text = text.replace("\nMODELS", "\nfrom digit_lightning.models.wide import WideNet  # noqa: E402\n\nMODELS", 1)
+    registry.write_text(text.replace('MODELS: dict[str, type[nn.Module]] = {', 'MODELS: dict[str, type[nn.Module]] = {"wide": WideNet, ', 1))
+
+    result = run_cli("digit_lightning.train", "model=wide", "model.net.width=32", "debug=fdr",
+                     "callbacks.progress_bar=null", "extras.print_config=true", cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "_target_: my_nets.wide.WideNet" in result.stdout and "width: 32" in result.stdout
+    assert "name: wide" in result.stdout and "width: 32" in result.stdout
     assert "test/acc" in result.stderr + result.stdout
 
 
@@ -102,4 +115,15 @@ def test_help_prints_usage_and_touches_nothing(module: str, tmp_path: Path):
         [sys.executable, "-m", f"digit_lightning.{module}", "--help"], cwd=tmp_path, capture_output=True, text=True
     )
     assert result.returncode == 0 and result.stdout.startswith("usage: python -m digit_lightning."), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("module", ["train", "eval", "predict", "export"])
+def test_hydra_entry_points_describe_themselves(module: str, tmp_path: Path):
+    """`--help` says what the command does, shows only its own groups and one example, and creates nothing."""
+    result = subprocess.run([sys.executable, "-m", f"digit_lightning.{module}", "--help"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and result.stdout.startswith(f"python -m digit_lightning.{module}"), result.stderr
+    assert "Example" in result.stdout and f"python -m digit_lightning.{module} " in result.stdout.split("Example")[1]
+    assert ("hparams_search" in result.stdout) == (module == "train")  # training's groups only where they apply
     assert list(tmp_path.iterdir()) == []

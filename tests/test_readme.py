@@ -1,6 +1,7 @@
-"""The README and the code agree: every command in its bash blocks composes, and the quick ones run for real.
+"""The README, the docs and the code agree: every command in their bash blocks composes, the quick ones run for real.
 
-Each `python -m digit_lightning.<name>` (or `.venv/bin/python -m ...`) line of a ```bash block is run as a
+Each `python -m digit_lightning.<name>` (or `.venv/bin/python -m ...`) line of a ```bash block of README.md or
+docs/*.md is run as a
 subprocess in a scratch project dir where the README's example paths exist (a small real checkpoint at
 `logs/train/runs/2026-11-27_03-35-55/checkpoints/last.ckpt`, a real tiny multirun, `scans/`, `my_digit.jpg`):
 
@@ -23,21 +24,25 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
+
+from digit_lightning.cli import compose_config
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
+DOCS = {p.name: p.read_text() for p in sorted((ROOT / "docs").glob("*.md"))}
 ENTRY = re.compile(r"^(?:\.venv/bin/)?python -m digit_lightning\.(\w+)\b")
 RUN_DIR = "logs/train/runs/2026-11-27_03-35-55"  # the run dir the README's examples name
 SWEEP_DIR = "logs/lr_bs/multiruns/2026-11-27_04-00-00"
 RUN_FULLY = {"predict", "export", "eval", "data", "sweep_report"}  # each takes seconds on the small checkpoint
 
 
-def bash_lines(sections: tuple[str, ...] = ()) -> list[str]:
-    """Every line of the README's ```bash blocks (only in `sections`, if given), continuation lines joined, prompts
+def bash_lines(sections: tuple[str, ...] = (), text: str = README) -> list[str]:
+    """Every line of `text`'s ```bash blocks (only in `sections`, if given), continuation lines joined, prompts
     (`$ `) removed."""
     lines = []
-    for section in re.split(r"\n(?=## )", README):
+    for section in re.split(r"\n(?=## )", text):
         if sections and section.splitlines()[0].removeprefix("## ") not in sections:
             continue
         for block in re.findall(r"```bash\n(.*?)```", section, flags=re.DOTALL):
@@ -58,10 +63,11 @@ def unique(commands: list[str]) -> list[str]:
     return kept
 
 
-COMMANDS = unique([c for c in bash_lines() if ENTRY.match(c) or c.startswith(("make ", "torchrun "))])
-# What a newcomer types first is checked in the fast suite; the later sections' `--cfg job` checks (~5 s each, and
-# their features have tests of their own) only with `-m slow`.
-FIRST_STEPS = set(bash_lines(("Quick start", "Common recipes")))
+ALL_LINES = bash_lines() + [line for text in DOCS.values() for line in bash_lines(text=text)]
+COMMANDS = unique([c for c in ALL_LINES if ENTRY.match(c) or c.startswith(("make ", "torchrun ", "sbatch "))])
+# What a newcomer types first is checked in the fast suite; the docs' commands (~5 s each, and their features have
+# tests of their own) only with `-m slow`.
+FIRST_STEPS = set(bash_lines(("Quick start",)))
 ASSIGNMENTS = [c for c in bash_lines() if re.match(r"^[A-Z_]+=\$\(", c)]  # e.g. CKPT=$(ls -t ...)
 
 
@@ -100,7 +106,7 @@ def project(small_checkpoint, mnist_dir: Path, tmp_path_factory: pytest.TempPath
     for name in ("last.ckpt", "epoch_004.ckpt"):
         shutil.copy(ckpt, run / "checkpoints" / name)
     (run / ".hydra").mkdir()
-    (run / ".hydra" / "overrides.yaml").write_text("- trainer=cpu\n")  # a resume re-applies these
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(["trainer=cpu"])))
     other_task = root / "logs/lr_bs/runs/2026-11-27_04-10-00/checkpoints"  # for `ckpt_path=last task_name=lr_bs`
     other_task.mkdir(parents=True)
     shutil.copy(ckpt, other_task / "last.ckpt")
@@ -127,8 +133,8 @@ def project(small_checkpoint, mnist_dir: Path, tmp_path_factory: pytest.TempPath
 
 def plan(command: str) -> tuple[str, list[str] | None, str]:
     """How to check `command`: ("run" | "cfg" | "make" | "skip", argv or None, reason)."""
-    if command.startswith("torchrun "):
-        return "skip", None, "torchrun needs several GPU nodes"
+    if command.startswith(("torchrun ", "sbatch ")):
+        return "skip", None, "torchrun and sbatch have tests of their own (tests/test_slurm.py)"
     if command.startswith("make "):
         return "make", shlex.split(command, comments=True)[1:], "dry run"
     tokens = shlex.split(command, comments=True)
@@ -141,7 +147,7 @@ def plan(command: str) -> tuple[str, list[str] | None, str]:
 
 def param(command: str, index: int):
     """The command as a test case, marked slow when it is only a `--cfg job` check outside the first steps."""
-    slow = plan(command)[0] == "cfg" and command not in FIRST_STEPS
+    slow = plan(command)[0] != "make" and command not in FIRST_STEPS
     return pytest.param(command, id=f"{index:02d}", marks=[pytest.mark.slow] if slow else [])
 
 
@@ -163,19 +169,25 @@ def test_readme_command(command: str, project: tuple[Path, dict]):
         assert "_target_" in result.stdout or "ckpt_path" in result.stdout, result.stdout[-2000:]
 
 
+def test_readme_is_short_and_links_to_docs_that_exist():
+    assert len(README.splitlines()) <= 250
+    for link in re.findall(r"\]\((docs/[^)#]+|CONTRIBUTING.md|LICENSE)[)#]", README):
+        assert (ROOT / link).is_file(), f"README links to {link}, which does not exist"
+
+
 def test_config_table_lists_every_option():
-    """Every option file of every config group appears in the README's Configuration table."""
-    table = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    """Every option file of every config group appears in docs/configuration.md's table."""
+    table = DOCS["configuration.md"].split("# Configuration", 1)[1].split("\n## ", 1)[0]
     rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `([\w/]+)` \| (.*?) \|", table, flags=re.MULTILINE)}
     conf = ROOT / "conf"
     groups = [p.relative_to(conf).as_posix() for p in conf.rglob("*") if p.is_dir() and any(p.glob("*.yaml"))]
     assert "trainer" in groups and "hydra/launcher" in groups
     for group in groups:
-        if group == "hydra":  # hydra/default.yaml is the run-dir layout, not a choice
+        if group in ("hydra", "hydra/help"):  # the run-dir layout and each entry point's --help: not choices
             continue
-        assert group in rows, f"README's Configuration table has no row for the group `{group}`"
+        assert group in rows, f"docs/configuration.md's table has no row for the group `{group}`"
         for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
-            assert f"`{option}`" in rows[group], f"README: `{group}` row does not list the option `{option}`"
+            assert f"`{option}`" in rows[group], f"docs/configuration.md: `{group}` does not list the option `{option}`"
 
 
 def test_readme_images_exist():
