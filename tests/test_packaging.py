@@ -8,7 +8,11 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow  # builds a wheel / executes notebooks: `make test-full`
 
 
 def test_wheel_ships_and_uses_its_configs(tmp_path: Path):

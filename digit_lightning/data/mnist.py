@@ -60,7 +60,7 @@ def disk_error(error: BaseException, raw_dir: Path) -> DataError | None:
         )
     if error.filename is None and error.errno != errno.EROFS:
         return None  # EACCES/EPERM without a file name can come from a socket: a source problem
-    if error.errno in (errno.ENOTDIR, errno.EISDIR):
+    if error.errno in (errno.ENOTDIR, errno.EISDIR) and Path(error.filename).parent == raw_dir:  # a raw file's place
         return DataError(f"{error.filename}: a directory or file is in the way of an MNIST raw file; {REFETCH}")
     return DataError(
         f"cannot write to {raw_dir} ({error.strerror}); "
@@ -165,9 +165,9 @@ def prepare_mnist(data_dir: str | Path, sources: Sequence[str] = SOURCES, log: C
         missing = unverified(raw_dir)
         for name in missing:
             if (raw_dir / name).exists():
-                log(f"MNIST: {raw_dir / name} fails its md5 check; fetching a fresh copy")
                 if (raw_dir / name).is_dir():
                     raise DataError(f"{raw_dir / name}: a directory is in the way of an MNIST raw file; remove it")
+                log(f"MNIST: {raw_dir / name} fails its md5 check; fetching a fresh copy")
                 (raw_dir / name).unlink()  # torchvision's download would otherwise keep it
         tried = []
         for source in sources:
