@@ -29,7 +29,7 @@ from digit_lightning.config import CONFIG_DIR, ConfigError, run_cli, validate_co
 from digit_lightning.data import DataError
 from digit_lightning.guards import NonFiniteLossError
 from digit_lightning.module import build_model
-from digit_lightning.resume import EXIT_SIGTERM, ResumeError, find_checkpoint, resume_argv
+from digit_lightning.resume import EXIT_SIGTERM, ResumeError, find_checkpoint, requeued_checkpoint, resume_argv
 
 log = logging.getLogger(__name__)
 # num_workers=0 is deliberate: the data is in memory and worker processes cost more than they save.
@@ -103,6 +103,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if ckpt_path:
         ckpt_path = find_checkpoint(ckpt_path, Path(cfg.paths.log_dir) / cfg.task_name / "runs")
         log.info(f"Resuming from {ckpt_path}")
+    elif ckpt_path := requeued_checkpoint(cfg.paths.output_dir):
+        log.info(f"SLURM requeued this job: resuming from {ckpt_path}")
     if cfg.get("train"):
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
