@@ -40,6 +40,7 @@ def global_rank() -> int:
 
 
 def rank_zero_only(value: object) -> object:
+    """`value` on the global rank 0, None on the other ranks."""
     return value if global_rank() == 0 else None
 
 
