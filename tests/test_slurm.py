@@ -34,7 +34,10 @@ def slurm_unavailable() -> str | None:
     """Why no SLURM job can run here, or None when a node is up to take one."""
     if shutil.which("sinfo") is None:
         return "no SLURM here (no sinfo); `make slurm-up` installs and starts a one-node cluster on this machine"
-    result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=60)
+    try:  # without a slurm.conf sinfo retries for a minute
+        result = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=15)
+    except subprocess.TimeoutExpired:
+        return "SLURM does not answer (sinfo timed out); `make slurm-up` starts a one-node cluster on this machine"
     if result.returncode != 0:
         return f"SLURM is down ({' '.join(result.stderr.split())}); `make slurm-up` starts it"
     if not {"idle", "mixed", "allocated"} & set(result.stdout.split()):
@@ -42,9 +45,9 @@ def slurm_unavailable() -> str | None:
     return None
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def slurm_cluster() -> None:
-    """Skip the test, with the reason, unless SLURM can run jobs."""
+    """Skip the test, with the reason, unless SLURM can run jobs (asked once a session)."""
     reason = slurm_unavailable()
     if reason:
         pytest.skip(reason)
@@ -69,6 +72,18 @@ def sacct_states(job_id: str, attempts: bool = False) -> list[str]:
     """The job's state in SLURM's accounting (one per run of it with `attempts`: a requeued job has several)."""
     command = ["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id] + (["--duplicates"] if attempts else [])
     return subprocess.run(command, capture_output=True, text=True, check=True, timeout=60).stdout.split()
+
+
+ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED", "RESIZING"}
+
+
+def final_states(job_id: str, attempts: bool = False, timeout: float = 120) -> list[str]:
+    """`sacct_states` once the job's last run has ended: a multirun returns when the jobs' results are written, a
+    moment before SLURM records their end."""
+    return wait_for(
+        lambda: (states := sacct_states(job_id, attempts)) and states[-1] not in ACTIVE and states,
+        f"end of job {job_id} in sacct", timeout=timeout,
+    )  # fmt: skip
 
 
 def job_state(job_id: str) -> str:
@@ -112,7 +127,7 @@ def test_slurm_sweep_runs_one_job_per_setting(slurm_cluster, run_cli, tmp_path: 
     jobs = slurm_job_ids(sweep)
     assert len(jobs) == 2, jobs
     for job in jobs:
-        assert wait_for(lambda job=job: sacct_states(job), f"sacct record of {job}", timeout=60) == ["COMPLETED"]
+        assert final_states(job) == ["COMPLETED"]
     assert (sweep / "sweep_report.md").is_file()
 
 
@@ -148,8 +163,7 @@ def test_requeued_job_resumes_where_it_stopped(slurm_cluster, mnist_dir: Path, t
         if sweep_process.poll() is None:
             sweep_process.kill()
 
-    assert wait_for(lambda: sacct_states(job, attempts=True)[1:], "2nd run in sacct", timeout=60)
-    assert sacct_states(job, attempts=True) == ["REQUEUED", "COMPLETED"]
+    assert final_states(job, attempts=True) == ["REQUEUED", "COMPLETED"]
     assert "SLURM requeued this job: resuming from" in (run / "train.log").read_text()
     assert (run / "hpc_ckpt_1.ckpt").is_file() == (preemption == "SIGUSR1")
     metrics = json.loads((run / "metrics.json").read_text())
