@@ -2,7 +2,8 @@
 # A one-node SLURM cluster on this machine, to run the cluster code path for real (tests/test_slurm.py, docs/scaling.md):
 #   scripts/slurm.sh up     install SLURM if missing, write its config for this host, start it, wait for an idle node
 #   scripts/slurm.sh down   stop the daemons (by their pid files); running jobs are killed
-# Both are idempotent. Debian/Ubuntu, as root (apt-get, daemons). There is no systemd here: daemons start directly.
+# Both are idempotent (`up` starts only what is not running; after a config change, `down` then `up`).
+# Debian/Ubuntu, as root (apt-get, daemons). There is no systemd here: daemons start directly.
 # On a real cluster none of this is yours to run; docs/scaling.md lists the settings a real one differs in.
 set -euo pipefail
 
