@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
 
-.PHONY: install data train test test-full bench lint format tensorboard clean
+.PHONY: install data train test test-full bench lint format tensorboard clean slurm-up slurm-down
 
 install: $(STAMP)
 
@@ -39,6 +39,12 @@ format: install
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/nbstripout notebooks/*.ipynb
+
+slurm-up:  ## a one-node SLURM cluster on this machine, for the slurm tests (root: installs it with apt-get if missing)
+	scripts/slurm.sh up
+
+slurm-down:
+	scripts/slurm.sh down
 
 tensorboard: install
 	$(PY) -m tensorboard.main --logdir logs

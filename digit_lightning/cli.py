@@ -23,6 +23,8 @@ from hydra.errors import HydraException, InstantiationException, MissingConfigEx
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
+from digit_lightning import resolvers  # noqa: F401  (registers the resolvers conf/hydra/default.yaml uses)
+
 # A wheel ships the configs inside the package; a source checkout keeps them at the top level.
 _PACKAGED = Path(__file__).resolve().parent / "conf"
 CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else _PACKAGED.parent.parent / "conf")

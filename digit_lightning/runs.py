@@ -8,6 +8,7 @@ resolves to it) with the settings of that run's `.hydra/config.yaml`, which is l
 
 from __future__ import annotations
 
+import os
 import shlex
 from functools import cache
 from pathlib import Path
@@ -42,6 +43,18 @@ def find_checkpoint(spec: str | Path, log_dir: str | Path = "logs") -> Path:
         if candidate.is_file():
             return candidate.resolve()
     raise ResumeError(f"ckpt_path={spec}: no such checkpoint file or run dir with checkpoints/{LAST}")
+
+
+def requeued_checkpoint(run_dir: str | Path) -> Path | None:
+    """In a SLURM job that SLURM requeued (preemption, `scontrol requeue`, Lightning's auto-requeue on SIGUSR1), the
+    checkpoint to go on from: the newer of `<run_dir>/checkpoints/last.ckpt` (saved on SIGTERM or at an epoch end) and
+    Lightning's `<run_dir>/hpc_ckpt_N.ckpt` (saved on SIGUSR1). None in a job's first run, or with neither file.
+    The requeued job runs the same sweep job again, in the same run dir (submitit pickles its resolved config)."""
+    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return None
+    run_dir = Path(run_dir)
+    found = [p for p in [run_dir / "checkpoints" / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return max(found, key=lambda p: p.stat().st_mtime).resolve() if found else None
 
 
 def run_dir_of(ckpt: Path) -> Path | None:

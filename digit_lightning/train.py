@@ -27,8 +27,6 @@ from digit_lightning.checkpoint import check_resumable
 from digit_lightning.config import validate_config
 
 log = logging.getLogger(__name__)
-OmegaConf.register_new_resolver("resume_dir", runs.resume_dir, replace=True)  # hydra.run.dir, conf/hydra/default.yaml
-OmegaConf.register_new_resolver("resume_subdir", runs.resume_subdir, replace=True)  # hydra.output_subdir
 
 
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
@@ -84,6 +82,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = runs.find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
         check_resumable(ckpt_path, model)  # its weights must fit before Lightning restores anything
         log.info(f"Resuming from {ckpt_path}")
+    elif ckpt_path := runs.requeued_checkpoint(cfg.paths.output_dir):
+        log.info(f"SLURM requeued this job: resuming from {ckpt_path}")
     if cfg.get("train"):
         log.info(summary(cfg))
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)

@@ -43,7 +43,7 @@ def test_ddp_configs_compose():
 def test_slurm_launcher_composes_with_requeue_signal():
     cfg = compose_with_hydra(
         "hydra/launcher=slurm", "trainer=ddp", "hydra.launcher.partition=gpu", "hydra.launcher.nodes=2",
-        "hydra.launcher.gpus_per_node=4", "trainer.num_nodes=2", "trainer.devices=4",
+        "hydra.launcher.gpus_per_node=4", "hydra.launcher.tasks_per_node=4", "trainer.num_nodes=2", "trainer.devices=4",
     )  # fmt: skip
     launcher = cfg.hydra.launcher
     assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
