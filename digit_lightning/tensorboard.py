@@ -1,44 +1,58 @@
 """What a run tells TensorBoard besides its curves and images: the HParams entry, the Custom Scalars layout, the
-name of a sweep job's run, and eval's per-class table.
+net's graph, the name of a sweep job's run, and eval's per-class table.
 
 HParams shows a short, flat set of settings with readable names (`lr`, `batch_size`, ...) plus every key typed on
-the command line or swept, never Hydra's plumbing (`_target_`, `_partial_`, paths); its metrics are `val/acc_best`,
-`test/acc` and `test/loss`. Importing this module registers the `${sweep_job_name:}` resolver that
-conf/logger/tensorboard.yaml uses, so that the jobs of a multirun appear in TensorBoard under their overrides.
+the command line or swept, never Hydra's plumbing (`_target_`, `_partial_`, paths). Importing this module registers
+the `${sweep_job_name:}` resolver of conf/logger/tensorboard.yaml, which names a multirun job's TensorBoard run
+after what its sweep set (`model.optimizer.lr=0.003`).
 """
 
 from __future__ import annotations
 
 import inspect
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from hydra.utils import get_class
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from lightning.pytorch import loggers as lightning_loggers
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-HPARAM_METRICS = ("val/acc_best", "test/acc", "test/loss")  # the HParams tab's metric columns
 # TensorBoard's Custom Scalars page: one chart per entry, each overlaying the tags its regexes match.
 LAYOUT = {
     "train vs val": {
         "loss: train vs val": ["Multiline", ["^train/loss$", "^val/loss$"]],
         "accuracy: train vs val": ["Multiline", ["^train/acc$", "^val/acc$", "^val/acc_best$"]],
-        "learning rate": ["Multiline", ["^lr-"]],  # LearningRateMonitor's lr-<Optimizer>
+        "learning rate": ["Multiline", ["^train/lr"]],
     }
 }
 PLUMBING = ("_target_", "_partial_", "_convert_", "_recursive_", "_args_")
 NOT_SETTINGS = ("hydra", "paths", "ckpt_path")  # where files go, not how a model is trained
 
 
-def logger_of(loggers: Iterable[Logger]) -> TensorBoardLogger | None:
+class TensorBoardLogger(lightning_loggers.TensorBoardLogger):
+    """Lightning's TensorBoard logger with its tags grouped for TensorBoard's Time Series page, which sorts groups
+    (the part of a tag before its first "/") by name and opens only the first two: `lr-Adam` becomes `train/lr`,
+    and Lightning's `epoch` (a staircase against the step) is left to the other loggers. So `test` and `train`
+    open, and nothing sorts before them."""
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Write `metrics` at `step`, with LearningRateMonitor's `lr-<Optimizer>[/pg<n>]` as `train/lr[/pg<n>]`."""
+        renamed = {re.sub(r"^lr-[^/]+", "train/lr", k): v for k, v in metrics.items() if k != "epoch"}
+        super().log_metrics(renamed, step)
+
+
+def logger_of(loggers: Iterable[Logger]) -> lightning_loggers.TensorBoardLogger | None:
     """The TensorBoard logger among `loggers` (`trainer.loggers`), if any (`logger=csv` or `none` has none)."""
-    return next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
+    return next((lg for lg in loggers if isinstance(lg, lightning_loggers.TensorBoardLogger)), None)
 
 
 def _class_name(node: Any) -> str:
@@ -126,20 +140,25 @@ def hparams(
 
 @rank_zero_only  # other DDP ranks have no TensorBoard writer
 def log_hparams(loggers: Iterable[Logger], cfg: DictConfig) -> None:
-    """Record the run's `hparams` in every logger; in TensorBoard, tie them to HPARAM_METRICS for the HParams tab."""
+    """Record the run's `hparams` in every logger, and in TensorBoard as an HParams session of this run.
+
+    No experiment summary is written: without one, TensorBoard builds the table from every run's session, so its
+    columns are the union of all runs' settings, those that differ between runs shown first (a summary would be
+    taken from one arbitrary run, and say nothing of what differs). Its metric columns are then the runs' scalars
+    (val/acc_best, test/acc and test/loss among them)."""
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
     params = hparams(cfg, typed_overrides())
     for logger in loggers:
         logger.log_hyperparams(params)
-        if isinstance(logger, TensorBoardLogger):
-            # Written by hand: Lightning's log_hyperparams would also log a placeholder value for each metric.
+        if isinstance(logger, lightning_loggers.TensorBoardLogger):
+            _, session_start, session_end = hparams_summary(params, {})
             writer = logger.experiment._get_file_writer()
-            for summary in hparams_summary(params, dict.fromkeys(HPARAM_METRICS, 0.0)):
-                writer.add_summary(summary)
+            writer.add_summary(session_start)
+            writer.add_summary(session_end)
 
 
-def write_layout(logger: TensorBoardLogger) -> None:
+def write_layout(logger: lightning_loggers.TensorBoardLogger) -> None:
     """Write the Custom Scalars page's LAYOUT into the run."""
     logger.experiment.add_custom_scalars(LAYOUT)
 
@@ -153,6 +172,24 @@ def _swept_keys(hydra: dict[str, Any]) -> set[str]:
         task = (yaml.safe_load(multirun.read_text()) or {}).get("hydra", {}).get("overrides", {}).get("task") or []
         keys |= {o.key_or_group for o in OverridesParser.create().parse_overrides(task) if o.is_sweep_override()}
     return keys
+
+
+def add_net_graph(logger: lightning_loggers.TensorBoardLogger, net: torch.nn.Module, example: torch.Tensor) -> None:
+    """The Graphs tab: `net` traced on `example`, with its layers at the top level. (TensorBoard opens a graph on
+    its outermost scopes; a traced LightningModule, or the net itself, would be one collapsed node.)"""
+    from torch.utils.tensorboard._pytorch_graph import graph  # what SummaryWriter.add_graph uses
+
+    graph_def, run_metadata = graph(net, example)
+    top = type(net).__name__ + "/"
+    for node in graph_def.node:
+        node.name = node.name.removeprefix(top)
+        node.input[:] = [name.removeprefix(top) for name in node.input]
+    logger.experiment._get_file_writer().add_graph((graph_def, run_metadata))
+
+
+def in_sweep_job() -> bool:
+    """Whether this is a job of a multirun (where a sweep's jobs share what a single run would show once)."""
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 def sweep_job_name() -> str:
@@ -178,13 +215,12 @@ def sweep_job_name() -> str:
 OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)
 
 
-def log_class_table(logger: TensorBoardLogger, result: dict[str, Any], step: int = 0) -> None:
-    """Eval's per-class precision, recall and F1 (an `eval.report`) as one Markdown table under `test_per_class/`,
-    with the macro means as scalars there, so that the `test` group keeps just test/acc and test/loss."""
+def log_class_table(logger: lightning_loggers.TensorBoardLogger, result: dict[str, Any], step: int = 0) -> None:
+    """Eval's per-class precision, recall and F1 (an `eval.report`) as one Markdown table in the Text tab
+    (`test_per_class`), rather than 33 one-point scalar cards burying test/acc and test/loss."""
     rows = ["| digit | precision | recall | F1 | support |", "|---:|---:|---:|---:|---:|"]
     for digit, m in result["per_class"].items():
         rows.append(f"| {digit} | {m['precision']:.4f} | {m['recall']:.4f} | {m['f1']:.4f} | {m['support']} |")
     macro = result["macro"]
     rows.append(f"| **macro** | {macro['precision']:.4f} | {macro['recall']:.4f} | {macro['f1']:.4f} | |")
-    logger.experiment.add_text("test_per_class/table", "\n".join(rows), global_step=step)
-    logger.log_metrics({f"test_per_class/{k}_macro": v for k, v in macro.items()}, step=step)
+    logger.experiment.add_text("test_per_class", "\n".join(rows), global_step=step)

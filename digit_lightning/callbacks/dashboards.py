@@ -15,10 +15,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
-from digit_lightning.tensorboard import logger_of, write_layout
+from digit_lightning.tensorboard import add_net_graph, in_sweep_job, logger_of, write_layout
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -41,41 +42,41 @@ def confusion_figure(matrix: torch.Tensor, title: str = "confusion matrix") -> F
     coloured on a log scale and the diagonal is grey, so that a handful of 4-as-9 stands out next to 1,000 right."""
     from matplotlib.colors import LogNorm
 
-    plt = pyplot()
     counts = matrix.detach().cpu().numpy().astype(np.int64)
     diagonal = np.eye(len(counts), dtype=bool)
     mistakes = np.ma.masked_where(diagonal | (counts == 0), counts)
-    fig, ax = plt.subplots(figsize=(7, 6.2), dpi=100)
-    ax.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)  # light grey diagonal
+    fig, ax = pyplot().subplots(figsize=(6.4, 6), dpi=100)
+    ax.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=5)  # a light grey diagonal
     worst = max(int(mistakes.max()) if mistakes.count() else 1, 2)
     image = ax.imshow(mistakes, cmap="Reds", norm=LogNorm(vmin=1, vmax=worst))
     for i, j in zip(*np.nonzero(counts), strict=True):
-        dark = not diagonal[i, j] and counts[i, j] > worst**0.6
-        ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=11 if diagonal[i, j] else 12,
-                color="white" if dark else "black", weight="normal" if diagonal[i, j] else "bold")  # fmt: skip
-    ax.set_xticks(range(10), CLASSES, fontsize=12)
-    ax.set_yticks(range(10), CLASSES, fontsize=12)
-    ax.set_xlabel("predicted digit", fontsize=13)
-    ax.set_ylabel("true digit", fontsize=13)
-    errors = int(counts[~diagonal].sum())
-    ax.set_title(f"{title}\n{errors} mistakes in {int(counts.sum())} images", fontsize=14)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="mistakes (log scale)")
+        right, n = diagonal[i, j], counts[i, j]
+        style = {"fontsize": 10} if right else {"fontsize": 14, "weight": "bold"}
+        ax.text(
+            j, i, str(n), ha="center", va="center", color="white" if not right and n > worst**0.6 else "black", **style
+        )
+    ax.set_xticks(range(10), CLASSES, fontsize=14)
+    ax.set_yticks(range(10), CLASSES, fontsize=14)
+    ax.set_xlabel("predicted digit", fontsize=14)
+    ax.set_ylabel("true digit", fontsize=14)
+    ax.set_title(f"{title}: {int(counts[~diagonal].sum())} mistakes in {int(counts.sum())}", fontsize=15)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03).set_label("mistakes (log scale)", fontsize=13)
     fig.tight_layout()
     return fig
 
 
-def image_grid(images: torch.Tensor, titles: list[str], title: str, columns: int = 6) -> Figure:
+def image_grid(images: torch.Tensor, titles: list[str], title: str, columns: int = 5) -> Figure:
     """A grid of normalized 1x28x28 digits (white on black, as MNIST shows them), each with a short caption in a
-    font large enough to read when TensorBoard shrinks the figure to its card."""
+    font large enough to read when TensorBoard shrinks the figure to its card (about 370 pixels wide)."""
     pixels = (images.detach().cpu().float() * MNIST_STD + MNIST_MEAN).clamp(0, 1).squeeze(1).numpy()
     rows = max(1, -(-len(pixels) // columns))
-    fig, axes = pyplot().subplots(rows, columns, figsize=(columns * 1.5, rows * 1.75 + 0.6), dpi=100, squeeze=False)
+    fig, axes = pyplot().subplots(rows, columns, figsize=(columns * 1.4, rows * 1.65 + 0.7), dpi=100, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, pixels, titles, strict=False):
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(caption, fontsize=17, pad=3)
-    fig.suptitle(title, fontsize=15)
+        ax.set_title(caption, fontsize=20, pad=4)
+    fig.suptitle(title, fontsize=17)
     fig.tight_layout()
     return fig
 
@@ -89,26 +90,32 @@ class Dashboards(L.Callback):
     """Everything TensorBoard shows beyond the scalars the module logs:
 
     - at fit start, the Custom Scalars layout (train vs val loss and accuracy, learning rate);
-    - once per run, `data/samples`: the first training inputs as the model sees them;
+    - at fit start, the net's graph (Graphs tab), its layers at the top level (`graph=False`: none);
+    - once per run, `train_inputs/samples`: the first training inputs as the model sees them (single runs only);
     - per validation epoch, `val/confusion_matrix` and `val/misclassified` (the epoch's first mistakes);
     - per test, `test/confusion_matrix` and one precision-recall curve per digit (`test_pr_curve/<digit>`, from the
       predicted probabilities).
 
-    (The model graph comes from `TensorBoardLogger(log_graph=True)` and the module's `example_input_array`.)
     """
 
-    def __init__(self, max_misclassified: int = 18, num_samples: int = 18) -> None:
+    def __init__(self, max_misclassified: int = 15, num_samples: int = 15, graph: bool = True) -> None:
         self.max_misclassified = max_misclassified
         self.num_samples = num_samples
+        self.graph = graph
         self.confusion = MulticlassConfusionMatrix(num_classes=10, validate_args=False)
         self._samples_logged = False
         self.wrong: dict[str, torch.Tensor] | None = None  # a fixed-size buffer of misclassified examples
         self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (log-probabilities, labels) per batch
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Write the Custom Scalars layout (rank 0)."""
-        if (logger := logger_of(trainer.loggers)) is not None and trainer.is_global_zero:
-            write_layout(logger)
+        """Write the Custom Scalars layout and the net's graph (rank 0)."""
+        logger = logger_of(trainer.loggers)
+        if logger is None or not trainer.is_global_zero:
+            return
+        write_layout(logger)
+        example = pl_module.example_input_array  # None once the net is compiled: a compiled net cannot be traced
+        if self.graph and isinstance(example, torch.Tensor) and isinstance(getattr(pl_module, "net", None), nn.Module):
+            add_net_graph(logger, pl_module.net, example.to(pl_module.device))
 
     def _start_epoch(self, pl_module: L.LightningModule) -> None:
         self.confusion = self.confusion.to(pl_module.device)
@@ -178,7 +185,7 @@ class Dashboards(L.Callback):
             keep = self.wrong["wrong"].cpu()
             images, truth, preds = (self.wrong[k].cpu()[keep] for k in ("x", "y", "pred"))
             titles = [f"{t} → {p}" for t, p in zip(truth.tolist(), preds.tolist(), strict=True)]
-            heading = f"misclassified: true → predicted (first {len(titles)}, epoch {trainer.current_epoch})"
+            heading = f"true → predicted, epoch {trainer.current_epoch}"
             if titles:
                 add_figure(logger, "val/misclassified", image_grid(images, titles, heading), step)
         self.wrong = None
@@ -202,8 +209,9 @@ class Dashboards(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> None:
-        """Log the first training batch once, as the model sees it, under `data/samples`."""
-        if self._samples_logged or self.num_samples <= 0:
+        """Log the first training batch once, as the model sees it, under `train_inputs/samples` (not in a sweep's
+        jobs: each would add one more identical card)."""
+        if self._samples_logged or self.num_samples <= 0 or in_sweep_job():
             return
         self._samples_logged = True
         logger = logger_of(trainer.loggers)
@@ -211,6 +219,5 @@ class Dashboards(L.Callback):
             return
         x, y = batch
         n = min(self.num_samples, len(x))
-        titles = [f"label {t}" for t in y[:n].tolist()]
-        fig = image_grid(x[:n], titles, "training inputs as the model sees them (normalized, augmented)")
-        add_figure(logger, "data/samples", fig, trainer.global_step)
+        fig = image_grid(x[:n], [str(t) for t in y[:n].tolist()], "training inputs and their labels")
+        add_figure(logger, "train_inputs/samples", fig, trainer.global_step)
