@@ -37,47 +37,55 @@ def pyplot():  # noqa: ANN201
     return plt
 
 
-def confusion_figure(matrix: torch.Tensor, title: str = "confusion matrix") -> Figure:
-    """A 10x10 confusion matrix (rows: true digit, columns: predicted) with counts in the cells. The mistakes are
-    coloured on a log scale and the diagonal is grey, so that a handful of 4-as-9 stands out next to 1,000 right."""
+# Time Series shows an image at most ~190 pixels high (wider cards do not make it taller), and shrinks it with
+# "pixelated" rendering: figures are drawn at that size, so that their text is legible as they are shown.
+CARD_DPI, CARD_HEIGHT = 100, 1.9  # inches at CARD_DPI: 190 pixels
+
+
+def confusion_figure(matrix: torch.Tensor, title: str = "confusion matrix", top: int = 8) -> Figure:
+    """A 10x10 confusion matrix (rows: true digit, columns: predicted) where only the mistakes are coloured, on a log
+    scale with their counts (the diagonal is grey), beside the `top` most frequent mistakes as a list."""
     from matplotlib.colors import LogNorm
 
     counts = matrix.detach().cpu().numpy().astype(np.int64)
     diagonal = np.eye(len(counts), dtype=bool)
     mistakes = np.ma.masked_where(diagonal | (counts == 0), counts)
-    fig, ax = pyplot().subplots(figsize=(6.4, 6), dpi=100)
-    ax.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=5)  # a light grey diagonal
     worst = max(int(mistakes.max()) if mistakes.count() else 1, 2)
-    image = ax.imshow(mistakes, cmap="Reds", norm=LogNorm(vmin=1, vmax=worst))
-    for i, j in zip(*np.nonzero(counts), strict=True):
-        right, n = diagonal[i, j], counts[i, j]
-        style = {"fontsize": 10} if right else {"fontsize": 14, "weight": "bold"}
-        ax.text(
-            j, i, str(n), ha="center", va="center", color="white" if not right and n > worst**0.6 else "black", **style
-        )
-    ax.set_xticks(range(10), CLASSES, fontsize=14)
-    ax.set_yticks(range(10), CLASSES, fontsize=14)
-    ax.set_xlabel("predicted digit", fontsize=14)
-    ax.set_ylabel("true digit", fontsize=14)
-    ax.set_title(f"{title}: {int(counts[~diagonal].sum())} mistakes in {int(counts.sum())}", fontsize=15)
-    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03).set_label("mistakes (log scale)", fontsize=13)
-    fig.tight_layout()
+    fig, (ax, notes) = pyplot().subplots(1, 2, figsize=(4.8, CARD_HEIGHT), dpi=CARD_DPI, width_ratios=[1, 1.05])
+    ax.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)  # a light grey diagonal
+    ax.imshow(mistakes, cmap="Reds", norm=LogNorm(vmin=0.5, vmax=worst))
+    for i, j in zip(*np.nonzero(np.ma.getdata(mistakes) * ~np.ma.getmaskarray(mistakes)), strict=True):
+        n = counts[i, j]
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=6, color="white" if n > worst**0.6 else "black")
+    ax.set_xticks(range(10), CLASSES, fontsize=6.5)
+    ax.set_yticks(range(10), CLASSES, fontsize=6.5)
+    ax.tick_params(length=0, pad=1.5)
+    ax.set_xlabel("predicted", fontsize=7, labelpad=1)
+    ax.set_ylabel("true", fontsize=7, labelpad=1)
+    notes.axis("off")
+    ranked = sorted(((int(counts[i, j]), i, j) for i, j in zip(*np.nonzero(~diagonal & (counts > 0)), strict=True)),
+                    reverse=True)[:top]  # fmt: skip
+    lines = [f"{title}", f"{int(counts[~diagonal].sum())} mistakes in {int(counts.sum())}", ""]
+    lines += ["most frequent (true → predicted):"] + [f"   {i} → {j}:  {n}" for n, i, j in ranked]
+    notes.text(0, 1, "\n".join(lines), va="top", fontsize=8, linespacing=1.25, transform=notes.transAxes)
+    fig.subplots_adjust(left=0.07, right=0.99, top=0.98, bottom=0.14, wspace=0.08)
     return fig
 
 
-def image_grid(images: torch.Tensor, titles: list[str], title: str, columns: int = 5) -> Figure:
-    """A grid of normalized 1x28x28 digits (white on black, as MNIST shows them), each with a short caption in a
-    font large enough to read when TensorBoard shrinks the figure to its card (about 370 pixels wide)."""
+def image_grid(images: torch.Tensor, titles: list[str], title: str, columns: int = 8) -> Figure:
+    """A grid of normalized 1x28x28 digits (white on black, as MNIST shows them) with a short caption each, drawn
+    at the size TensorBoard shows it (two rows of eight fill a Time Series card)."""
     pixels = (images.detach().cpu().float() * MNIST_STD + MNIST_MEAN).clamp(0, 1).squeeze(1).numpy()
     rows = max(1, -(-len(pixels) // columns))
-    fig, axes = pyplot().subplots(rows, columns, figsize=(columns * 1.4, rows * 1.65 + 0.7), dpi=100, squeeze=False)
+    fig, axes = pyplot().subplots(rows, columns, figsize=(columns * 0.58, rows * (CARD_HEIGHT - 0.2) / 2 + 0.2),
+                                  dpi=CARD_DPI, squeeze=False)  # fmt: skip
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, pixels, titles, strict=False):
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(caption, fontsize=20, pad=4)
-    fig.suptitle(title, fontsize=17)
-    fig.tight_layout()
+        ax.set_title(caption, fontsize=8.5, pad=1.5)
+    fig.suptitle(title, fontsize=8.5, y=0.995)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.84 if rows <= 2 else 0.9, bottom=0.01, hspace=0.3, wspace=0.1)
     return fig
 
 
@@ -98,7 +106,7 @@ class Dashboards(L.Callback):
 
     """
 
-    def __init__(self, max_misclassified: int = 15, num_samples: int = 15, graph: bool = True) -> None:
+    def __init__(self, max_misclassified: int = 16, num_samples: int = 16, graph: bool = True) -> None:
         self.max_misclassified = max_misclassified
         self.num_samples = num_samples
         self.graph = graph
