@@ -4,7 +4,7 @@ net's graph, the name of a sweep job's run, and eval's per-class table.
 HParams shows a short, flat set of settings with readable names (`lr`, `batch_size`, ...) plus every key typed on
 the command line or swept, never Hydra's plumbing (`_target_`, `_partial_`, paths). Importing this module registers
 the `${sweep_job_name:}` resolver of conf/logger/tensorboard.yaml, which names a multirun job's TensorBoard run
-after what its sweep set (`model.optimizer.lr=0.003`).
+after what its sweep set (`lr=0.003` for `model.optimizer.lr=0.003`).
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def in_sweep_job() -> bool:
 
 
 def sweep_job_name() -> str:
-    """The `${sweep_job_name:}` resolver: what a multirun job's sweep gave it (`model.optimizer.lr=0.003`), the name
+    """The `${sweep_job_name:}` resolver: what a multirun job's sweep gave it (`lr=0.003`), the name
     TensorBoard shows for its run; "" for a single run. A resumed sweep job keeps its name: it is read from the
     `.hydra/hydra.yaml` of the job's first start (a resumed run records its own command in `.hydra/resume/`)."""
     if not HydraConfig.initialized():
@@ -206,10 +206,14 @@ def sweep_job_name() -> str:
         hydra = OmegaConf.to_container(live)
     if getattr(hydra.get("mode"), "name", hydra.get("mode")) != "MULTIRUN":
         return ""
-    task = [o for o in hydra["overrides"]["task"] if _is_setting(o.split("=", 1)[0].lstrip("+~"))]
+    task = [o.lstrip("+~").split("=", 1) for o in hydra["overrides"]["task"] if "=" in o]
+    task = [(k, v) for k, v in task if _is_setting(k)]
     swept = _swept_keys(hydra)
-    words = [o for o in task if o.split("=", 1)[0].lstrip("+~") in swept] or task
-    return ",".join(words).replace("/", "_")[:200] or "job"
+    pairs = [(k, v) for k, v in task if k in swept] or task
+    # By the last part of each key (lr=0.003) when that is unambiguous: TensorBoard cuts long run names short.
+    short = [k.rsplit(".", 1)[-1] for k, _ in pairs]
+    keys = short if len(set(short)) == len(short) else [k for k, _ in pairs]
+    return ",".join(f"{k}={v}" for k, (_, v) in zip(keys, pairs, strict=True)).replace("/", "_")[:200] or "job"
 
 
 OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)

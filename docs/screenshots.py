@@ -22,22 +22,21 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# page (TensorBoard URL fragment) -> file in docs/images/
+# page (TensorBoard URL fragment) -> file in docs/images/, browser window size (tall enough for the test and train
+# groups that Time Series opens, wide enough for HParams' metric columns)
 PAGES = {
-    "timeseries": "tensorboard_time_series.png",
-    "custom_scalars": "tensorboard_custom_scalars.png",
-    "hparams": "tensorboard_hparams.png",
-    "pr_curves": "tensorboard_pr_curves.png",
-    "graphs": "tensorboard_graph.png",
+    "timeseries": ("tensorboard_time_series.png", "1600,1750"),
+    "custom_scalars": ("tensorboard_custom_scalars.png", "1600,700"),
+    "hparams": ("tensorboard_hparams.png", "2000,650"),
+    "pr_curves": ("tensorboard_pr_curves.png", "1600,1000"),
+    "graphs": ("tensorboard_graph.png", "1100,950"),
 }
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 
 
 def run(*args: str, logs: Path) -> None:
     """`python -m digit_lightning.<args>` with runs under `logs`; stop on failure with its last lines."""
-    cmd = [sys.executable, "-m", *args, f"paths.log_dir={logs}", "callbacks.progress_bar=null"]
-    if args[0] != "digit_lightning.train":
-        cmd.remove("callbacks.progress_bar=null")
+    cmd = [sys.executable, "-m", *args, f"paths.log_dir={logs}"]
     print("$", " ".join(cmd[1:]), file=sys.stderr)
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if result.returncode != 0:
@@ -116,8 +115,8 @@ def main() -> None:
     try:
         wait_for_runs(url, logs)
         args.out.mkdir(parents=True, exist_ok=True)
-        for page, name in PAGES.items():
-            screenshot(browser, f"{url}/#{page}", args.out / name)
+        for page, (name, size) in PAGES.items():
+            screenshot(browser, f"{url}/#{page}", args.out / name, size)
     finally:
         server.terminate()
         server.wait(timeout=30)

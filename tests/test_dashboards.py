@@ -142,7 +142,7 @@ def test_sweep_jobs_are_named_by_their_overrides_and_the_swept_key_is_a_column(r
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     table, sessions = hparams_tab(tmp_path / "sweep")
-    assert set(sessions) == {"0/tensorboard/model.optimizer.lr=0.001", "1/tensorboard/model.optimizer.lr=0.003"}
+    assert set(sessions) == {"0/tensorboard/lr=0.001", "1/tensorboard/lr=0.003"}
     assert sorted(s["lr"].number_value for s in sessions.values()) == [0.001, 0.003]
     columns = {h.name: h for h in table.hparam_infos}
     assert columns["lr"].differs and not columns["batch_size"].differs

@@ -37,9 +37,9 @@ def pyplot():  # noqa: ANN201
     return plt
 
 
-# Time Series shows an image at most ~190 pixels high (wider cards do not make it taller), and shrinks it with
+# Time Series shows an image at most ~170 pixels high (wider cards do not make it taller), and shrinks it with
 # "pixelated" rendering: figures are drawn at that size, so that their text is legible as they are shown.
-CARD_DPI, CARD_HEIGHT = 100, 1.9  # inches at CARD_DPI: 190 pixels
+CARD_DPI, CARD_HEIGHT = 100, 1.7  # inches at CARD_DPI: 170 pixels
 
 
 def confusion_figure(matrix: torch.Tensor, title: str = "confusion matrix", top: int = 8) -> Figure:
@@ -51,7 +51,7 @@ def confusion_figure(matrix: torch.Tensor, title: str = "confusion matrix", top:
     diagonal = np.eye(len(counts), dtype=bool)
     mistakes = np.ma.masked_where(diagonal | (counts == 0), counts)
     worst = max(int(mistakes.max()) if mistakes.count() else 1, 2)
-    fig, (ax, notes) = pyplot().subplots(1, 2, figsize=(4.8, CARD_HEIGHT), dpi=CARD_DPI, width_ratios=[1, 1.05])
+    fig, (ax, notes) = pyplot().subplots(1, 2, figsize=(4.4, CARD_HEIGHT), dpi=CARD_DPI, width_ratios=[1, 1.05])
     ax.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)  # a light grey diagonal
     ax.imshow(mistakes, cmap="Reds", norm=LogNorm(vmin=0.5, vmax=worst))
     for i, j in zip(*np.nonzero(np.ma.getdata(mistakes) * ~np.ma.getmaskarray(mistakes)), strict=True):
@@ -77,7 +77,7 @@ def image_grid(images: torch.Tensor, titles: list[str], title: str, columns: int
     at the size TensorBoard shows it (two rows of eight fill a Time Series card)."""
     pixels = (images.detach().cpu().float() * MNIST_STD + MNIST_MEAN).clamp(0, 1).squeeze(1).numpy()
     rows = max(1, -(-len(pixels) // columns))
-    fig, axes = pyplot().subplots(rows, columns, figsize=(columns * 0.58, rows * (CARD_HEIGHT - 0.2) / 2 + 0.2),
+    fig, axes = pyplot().subplots(rows, columns, figsize=(columns * 0.53, rows * (CARD_HEIGHT - 0.2) / 2 + 0.2),
                                   dpi=CARD_DPI, squeeze=False)  # fmt: skip
     for ax in axes.flat:
         ax.axis("off")
