@@ -61,7 +61,7 @@ def test_two_job_multirun_gives_each_job_its_own_run(run_cli, tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     for job, lr in (("0", "0.001"), ("1", "0.0003")):
         assert f"model.optimizer.lr={lr}" in (sweep / job / ".hydra" / "overrides.yaml").read_text()
-        assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*")), f"job {job} has no TensorBoard run"
+        assert list((sweep / job / "tensorboard").rglob("events.out.tfevents.*")), f"job {job} has no TensorBoard run"
 
 
 @pytest.mark.slow
