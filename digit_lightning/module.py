@@ -54,7 +54,7 @@ class DigitClassifier(L.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
-        self.example_input_array = torch.zeros(1, 1, 28, 28)  # lets TensorBoardLogger(log_graph=True) trace the net
+        self.example_input_array = torch.zeros(1, 1, 28, 28)  # what callbacks.Dashboards traces for the Graphs tab
         self._last_step: float = float("inf")  # the run's number of optimizer steps, known at train start
 
     def configure_model(self) -> None:
