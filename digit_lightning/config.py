@@ -104,7 +104,11 @@ def _check_keys(node: dict[str, Any], path: str) -> None:
 def top_level_keys(config_name: str) -> set[str]:
     """The keys a primary config (`conf/<name>.yaml`) and its config groups may put at the top level."""
     primary = OmegaConf.to_container(OmegaConf.load(Path(CONFIG_DIR) / f"{config_name}.yaml"))
-    groups = {next(iter(d)).split("/")[0].split("@")[0].lstrip("/") for d in primary.pop("defaults", []) if isinstance(d, dict)}
+    groups = {
+        next(iter(d)).split("/")[0].split("@")[0].lstrip("/")
+        for d in primary.pop("defaults", [])
+        if isinstance(d, dict)
+    }
     return set(primary) | {g.removeprefix("override ") for g in groups} | {"hydra"}
 
 

@@ -26,10 +26,11 @@ from torchmetrics.classification import (
 )
 
 from digit_lightning import cli
-from digit_lightning.callbacks.dashboards import add_figure, confusion_figure, tensorboard
+from digit_lightning.callbacks.dashboards import Dashboards
 from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.config import validate_config
 from digit_lightning.runs import ResumeError, find_checkpoint
+from digit_lightning.tensorboard import log_class_table, logger_of
 
 log = logging.getLogger(__name__)
 
@@ -129,22 +130,13 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     class_metrics = ClassMetrics()
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[class_metrics], logger=cli.instantiate_group(cfg.get("logger"))
+        cfg.trainer, callbacks=[class_metrics, Dashboards()], logger=cli.instantiate_group(cfg.get("logger"))
     )
     scores = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     result = report(str(ckpt_path), scores, class_metrics.compute())
 
-    per_class = {f"test/{k}/{d}": m[k] for d, m in result["per_class"].items() for k in ("precision", "recall", "f1")}
-    for logger in trainer.loggers:
-        logger.log_metrics({**per_class, **{f"test/{k}_macro": v for k, v in result["macro"].items()}}, step=0)
-        logger.save()
-    if (tb := tensorboard(trainer)) is not None:
-        add_figure(
-            tb,
-            "test/confusion_matrix",
-            confusion_figure(torch.tensor(result["confusion_matrix"]["counts"]), "test confusion matrix"),
-            0,
-        )
+    if (tb := logger_of(trainer.loggers)) is not None:
+        log_class_table(tb, result)  # the PR curves and the confusion matrix come from Dashboards
         tb.experiment.flush()
 
     print_report(result)

@@ -99,7 +99,9 @@ def export(cfg: DictConfig) -> Path:
         raise ExportError("ckpt_path is not set; pass ckpt_path=last, a run dir or a .ckpt file")
     if cfg.format not in FORMATS:
         raise ExportError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
-    if cfg.format == "onnx" and (not isinstance(cfg.opset, int) or isinstance(cfg.opset, bool) or cfg.opset < MIN_OPSET):
+    if cfg.format == "onnx" and (
+        not isinstance(cfg.opset, int) or isinstance(cfg.opset, bool) or cfg.opset < MIN_OPSET
+    ):
         raise ExportError(f"opset={cfg.opset} must be a whole number >= {MIN_OPSET} (torch's ONNX exporter's oldest)")
     ckpt_path = find_checkpoint(cfg.ckpt_path, cfg.log_dir)
     net = load_checkpoint(ckpt_path).net.eval()

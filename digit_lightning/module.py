@@ -24,7 +24,8 @@ class DigitClassifier(L.LightningModule):
     """Trains a net from `digit_lightning.models` (named by `net`, which returns log-probabilities); the optimizer
     and the optional LR scheduler are factories from the config.
 
-    Logged: train/loss, train/acc, val/loss, val/acc, val/acc_best, test/loss, test/acc (epoch means).
+    Logged: train/loss and train/acc every `trainer.log_every_n_steps` steps (means over the steps since the last
+    point), val/loss, val/acc, val/acc_best, test/loss, test/acc (epoch means), all against the global step.
     The hyperparameters a checkpoint stores are plain data (the net's name and arguments), so
     `DigitClassifier.load_from_checkpoint` rebuilds the net by name and runs no code from the file.
     """
@@ -53,7 +54,8 @@ class DigitClassifier(L.LightningModule):
         self.train_loss, self.val_loss, self.test_loss = (MeanMetric(nan_strategy="disable") for _ in range(3))
         self.val_acc_best = MaxMetric()
         self.val_acc_best.persistent(True)  # saved in checkpoints, so a resumed run keeps its best
-        self.example_input_array = torch.zeros(1, 1, 28, 28)  # lets TensorBoardLogger(log_graph=True) trace the net
+        self.example_input_array = torch.zeros(1, 1, 28, 28)  # what callbacks.Dashboards traces for the Graphs tab
+        self._last_step: float = float("inf")  # the run's number of optimizer steps, known at train start
 
     def configure_model(self) -> None:
         """Compile the net when `compile=True` (in place: state_dict keys, so checkpoints, stay the plain net's)."""
@@ -87,13 +89,27 @@ class DigitClassifier(L.LightningModule):
         acc.reset()
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
-        """Loss on a training batch; logs `train/loss` and `train/acc` as epoch means."""
+        """Loss on a training batch; every `trainer.log_every_n_steps` steps, and at the last step of the run,
+        logs `train/loss` and `train/acc` over the steps since the previous point."""
         loss, _ = self._step(batch, self.train_loss, self.train_acc)
+        if self._is_logging_step():
+            self._log_train_window()
         return loss
 
-    def on_train_epoch_end(self) -> None:
-        """Log train/loss and train/acc for the epoch."""
-        self._log_epoch("train", self.train_loss, self.train_acc)
+    def _is_logging_step(self) -> bool:
+        """Lightning writes step metrics when `(global_step + 1) % log_every_n_steps == 0` (one optimizer, no
+        gradient accumulation); the run's last step is added so that `train/loss` is among the final metrics."""
+        step, every = self.global_step + 1, self.trainer.log_every_n_steps
+        return (every > 0 and step % every == 0) or step == self._last_step
+
+    def _log_train_window(self) -> None:
+        """Log the running train/loss and train/acc, then start a new window. The only host-device syncs of the
+        training step happen here (compute(), and Lightning's conversion of the logged values)."""
+        # on_step only: an epoch mean under the same names would interleave with these points. Not on the progress
+        # bar: the bar reads its values back from the device on every batch, a host sync per step.
+        for name, metric in (("train/loss", self.train_loss), ("train/acc", self.train_acc)):
+            self.log(name, metric.compute(), on_step=True, on_epoch=False, sync_dist=True)
+            metric.reset()
 
     def validation_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Return the batch's log-probabilities, which callbacks (dashboards, eval) get as `outputs`."""
@@ -134,7 +150,9 @@ class DigitClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_train_start(self) -> None:
-        """A run resumed with more epochs than it was planned for: stretch its one-cycle schedule to the new length."""
+        """Note the run's length; a run resumed with more epochs than it was planned for: stretch its one-cycle
+        schedule to the new length."""
+        self._last_step = self.trainer.estimated_stepping_batches
         for config in self.trainer.lr_scheduler_configs:
             scheduler, steps = config.scheduler, int(self.trainer.estimated_stepping_batches)
             if isinstance(scheduler, OneCycleLR) and scheduler.total_steps != steps:

@@ -10,14 +10,11 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,41 +22,9 @@ from digit_lightning import cli, runs
 from digit_lightning.atomic import atomic_open
 from digit_lightning.checkpoint import check_resumable
 from digit_lightning.config import validate_config
+from digit_lightning.tensorboard import log_hparams  # also registers ${sweep_job_name:} (conf/logger)
 
 log = logging.getLogger(__name__)
-
-
-def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
-    """The run's settings as flat `group/key` scalars, the form TensorBoard's HParams tab shows."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    tree = {k: resolved[k] for k in ("data", "model", "trainer") if k in resolved}
-    tree.update(seed=cfg.get("seed"), task_name=cfg.get("task_name"), tags=cfg.get("tags"))
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}/{key}" if prefix else str(key))
-        else:
-            flat[prefix] = node if isinstance(node, (bool, int, float, str)) else str(node)
-
-    walk(tree, "")
-    return flat
-
-
-@rank_zero_only  # other DDP ranks have no TensorBoard writer
-def log_hyperparameters(loggers: list[Logger], cfg: DictConfig, metrics: list[str]) -> None:
-    """Record the settings in every logger; in TensorBoard, tie them to `metrics` for the HParams tab."""
-    from torch.utils.tensorboard.summary import hparams as hparams_summary
-
-    params = flat_hparams(cfg)
-    for logger in loggers:
-        logger.log_hyperparams(params)
-        if isinstance(logger, TensorBoardLogger):
-            # Written by hand: Lightning would also log a placeholder value for each metric at step 0.
-            writer = logger.experiment._get_file_writer()
-            for summary in hparams_summary(params, {m: 0.0 for m in metrics}):
-                writer.add_summary(summary)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -75,7 +40,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # logger=none: the LR monitor would have nowhere to write (and Lightning refuses to run it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
-    log_hyperparameters(trainer.loggers, cfg, [cfg.optimized_metric, "test/acc"])
+    log_hparams(trainer.loggers, cfg)
 
     ckpt_path = None
     if cfg.get("ckpt_path"):

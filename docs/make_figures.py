@@ -14,15 +14,15 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import IMAGES, EventAccumulator
 
-FIGURES = {"data/samples": "samples.png", "val/confusion_matrix": "confusion_matrix.png",
+FIGURES = {"train_inputs/samples": "samples.png", "val/confusion_matrix": "confusion_matrix.png",
            "val/misclassified": "misclassified.png"}  # fmt: skip
 SHORT_RUN = ["trainer=cpu", "data.batch_size=64", "trainer.max_epochs=1", "+trainer.limit_train_batches=150",
-             "callbacks.progress_bar=null", "logger.tensorboard.log_graph=false"]  # fmt: skip
+             "callbacks.progress_bar=null", "callbacks.dashboards.graph=false"]  # fmt: skip
 
 
 def train_short_run(run_dir: Path) -> None:
     """Train the README's small example run into `run_dir` (TensorBoard logger and dashboards on)."""
-    from digit_lightning.config import compose_config
+    from digit_lightning.cli import compose_config
     from digit_lightning.train import train
 
     train(compose_config([f"paths.output_dir={run_dir}", *SHORT_RUN]))

@@ -1,38 +1,198 @@
-"""TensorBoard dashboards: the image tags and the graph land in the event file; other loggers and no callbacks work."""
+"""TensorBoard dashboards, read back the way TensorBoard reads them (its event loader and its HParams backend):
+per-step curves, the Custom Scalars layout, HParams without plumbing, named sweep jobs, images, PR curves, graph."""
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
+import hydra
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from tensorboard import context
+from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins import base_plugin
+from tensorboard.plugins.custom_scalar import layout_pb2
+from tensorboard.plugins.hparams import backend_context, metadata
 
 from digit_lightning.callbacks.dashboards import Dashboards
+from digit_lightning.cli import compose_config
+from digit_lightning.tensorboard import PLUMBING, TensorBoardLogger, hparams
 from digit_lightning.train import train
 
-TINY = ["data.batch_size=32", "+trainer.limit_train_batches=4", "+trainer.limit_val_batches=3", "test=false",
-        "callbacks.progress_bar=null"]  # fmt: skip
+EVERYTHING = dict.fromkeys(("scalars", "images", "tensors", "histograms", "distributions", "audio", "graph"), 0)
+TINY = ["data.batch_size=32", "+trainer.limit_train_batches=12", "+trainer.limit_val_batches=3",
+        "+trainer.limit_test_batches=3", "callbacks.progress_bar=null"]  # fmt: skip
 
 
-def test_event_file_holds_the_dashboards(make_cfg, tmp_path: Path):
-    train(make_cfg(*TINY, "trainer.max_epochs=2"))
-    events = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"images": 0})
+def events_of(run: Path) -> EventAccumulator:
+    """One run's event files, loaded as TensorBoard loads them, keeping every point (size guidance 0)."""
+    events = EventAccumulator(str(run), size_guidance=EVERYTHING)
     events.Reload()
-    images = set(events.Tags()["images"])
-    assert {"val/confusion_matrix", "val/misclassified", "data/samples"} <= images, images
-    assert len(events.Images("val/confusion_matrix")) == 2  # once per validation epoch, not for the sanity check
-    assert len(events.Images("data/samples")) == 1  # once per run
-    figure = events.Images("val/confusion_matrix")[-1]
-    assert figure.width > 300 and figure.height > 300 and figure.encoded_image_string.startswith(b"\x89PNG")
-    assert events.Tags()["graph"]  # the model graph, traced from DigitClassifier.example_input_array
+    return events
+
+
+def steps(events: EventAccumulator, tag: str) -> list[int]:
+    return [e.step for e in events.Scalars(tag)]
+
+
+def test_a_run_reads_as_tensorboard_shows_it(make_cfg, tmp_path: Path):
+    """2 epochs of 12 steps, logging every 4: curves on one step axis, layout, HParams, images, PR curves, graph."""
+    metrics = train(make_cfg(*TINY, "trainer.max_epochs=2", "trainer.log_every_n_steps=4"))
+    events = events_of(tmp_path / "tensorboard")
+    scalars = set(events.Tags()["scalars"])
+    assert scalars == {
+        "train/loss",
+        "train/acc",
+        "train/lr",
+        "val/loss",
+        "val/acc",
+        "val/acc_best",
+        "test/loss",
+        "test/acc",
+    }, scalars  # fmt: skip  (lr-Adam is train/lr; Lightning's `epoch` is left out)
+
+    # A point every log_every_n_steps steps: the mean over the 4 steps up to it, at Lightning's global step.
+    assert steps(events, "train/loss") == steps(events, "train/acc") == [3, 7, 11, 15, 19, 23]
+    assert steps(events, "train/lr") == [3, 7, 11, 15, 19, 23]  # per step: the one-cycle schedule has a shape
+    lrs = [e.value for e in events.Scalars("train/lr")]
+    assert lrs[0] < max(lrs) and lrs[-1] < max(lrs) / 10, lrs  # up, then down
+    assert steps(events, "val/loss") == steps(events, "val/acc_best") == [11, 23]  # each epoch's last step
+    assert all(0 < e.value < 3 for e in events.Scalars("train/loss"))
+    assert "train/loss" in metrics  # the last step logs too (the final window), so the run's metrics have it
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    charts = {c.title: list(c.multiline.tag) for category in layout.category for c in category.chart}
+    assert list(charts) == ["loss: train vs val", "accuracy: train vs val", "learning rate"]
+    for title, patterns in charts.items():  # every chart draws something, each of its regexes a tag of the run
+        assert all(any(re.search(p, tag) for tag in scalars) for p in patterns), title
+
+    content = events.PluginTagToContent("hparams")
+    assert "_hparams_/experiment" not in content  # TensorBoard then builds the table from all runs (see below)
+    session = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
+    params = {k: getattr(v, v.WhichOneof("kind")) for k, v in session.hparams.items()}
+    assert {"model", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "augmentation",
+            "precision", "seed"} <= set(params)  # fmt: skip
+    assert (params["lr"], params["batch_size"], params["optimizer"]) == (1e-3, 32, "Adam")
+    assert not [k for k in params if any(p in k for p in PLUMBING) or "dir" in k or "path" in k], params
+    assert not [v for v in params.values() if str(tmp_path) in str(v)], params
+
+    images = events.Tags()["images"]
+    assert sorted(images) == ["test/confusion_matrix", "train_inputs/samples", "val/confusion_matrix",
+                              "val/misclassified"]  # fmt: skip
+    assert len(events.Images("val/confusion_matrix")) == 2 and len(events.Images("train_inputs/samples")) == 1
+    for tag in images:  # small enough that TensorBoard's ~370-pixel card shrinks it by half at most
+        image = events.Images(tag)[-1]
+        assert 300 < image.width <= 720 and image.encoded_image_string.startswith(b"\x89PNG"), (tag, image.width)
+    pr_curves = sorted(t for t in events.Tags()["tensors"] if t.startswith("test_pr_curve/"))
+    assert pr_curves == [f"test_pr_curve/{d}" for d in range(10)]
+    graph = events.Graph()
+    assert any(n.name.startswith("Conv2d[conv1]/") for n in graph.node)  # the net's layers at the top level
+
+
+def test_hparams_are_readable_names_and_what_was_typed():
+    typed = ["model.optimizer.lr=0.003", "trainer=cpu", "data.val_size=1000", "data.augment={degrees:10}",
+             "model.optimizer._target_=torch.optim.AdamW", "+trainer.limit_train_batches=5", "data.data_dir=/x",
+             "paths.log_dir=/y", "hydra/launcher=joblib", "experiment=fast", "ckpt_path=/z/last.ckpt"]  # fmt: skip
+    cfg = compose_config([o for o in typed if not o.startswith(("hydra/", "ckpt_path"))])
+    params = hparams(cfg, typed, {"trainer": "cpu", "experiment": "fast", "hydra/launcher": "joblib"})
+    assert list(params)[:7] == [
+        "lr",
+        "trainer",
+        "data.val_size",
+        "augmentation",
+        "optimizer",
+        "trainer.limit_train_batches",
+        "experiment",
+    ]  # fmt: skip  (typed first)
+    assert params["lr"] == 0.003 and params["optimizer"] == "AdamW" and params["weight_decay"] == 0.01  # its default
+    assert params["trainer"] == "cpu" and params["experiment"] == "fast" and params["augmentation"] == "degrees=10"
+    assert params["data.val_size"] == 1000 and params["schedule"] == "OneCycleLR" and params["seed"] == 42
+    assert not {"data.data_dir", "paths.log_dir", "hydra/launcher", "ckpt_path"} & set(params)
+
+
+def hparams_tab(logdir: Path):
+    """The HParams tab's table as TensorBoard's hparams backend computes it for `logdir`, with its sessions."""
+    mux = plugin_event_multiplexer.EventMultiplexer(size_guidance=EVERYTHING)
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    tb = base_plugin.TBContext(logdir=str(logdir), multiplexer=mux,
+                               data_provider=data_provider.MultiplexerDataProvider(mux, str(logdir)))  # fmt: skip
+    backend, ctx = backend_context.Context(tb), context.RequestContext()
+    content = backend.hparams_metadata(ctx, "")
+    table = backend.experiment_from_metadata(ctx, "", True, content, backend.hparams_from_data_provider(ctx, "", 0))
+    sessions = {run: metadata.parse_session_start_info_plugin_data(tags[metadata.SESSION_START_INFO_TAG]).hparams
+                for run, tags in content.items() if metadata.SESSION_START_INFO_TAG in tags}  # fmt: skip
+    return table, sessions
+
+
+@pytest.mark.slow
+def test_sweep_jobs_are_named_by_their_overrides_and_the_swept_key_is_a_column(run_cli, tmp_path: Path):
+    """A real 2-job multirun through the CLI (tens of seconds)."""
+    result = run_cli(
+        "digit_lightning.train", "-m", "model.optimizer.lr=1e-3,3e-3", "trainer=cpu", "test=false",
+        "trainer.max_epochs=1", "data.batch_size=64", "+trainer.limit_train_batches=8", "+trainer.limit_val_batches=2",
+        "trainer.log_every_n_steps=2", "callbacks.progress_bar=null", f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    table, sessions = hparams_tab(tmp_path / "sweep")
+    assert set(sessions) == {"0/tensorboard/lr=0.001", "1/tensorboard/lr=0.003"}
+    assert sorted(s["lr"].number_value for s in sessions.values()) == [0.001, 0.003]
+    columns = {h.name: h for h in table.hparam_infos}
+    assert columns["lr"].differs and not columns["batch_size"].differs
+    assert table.hparam_infos[0].name == "lr"  # what differs comes first: the tab shows the first five columns
+    assert not [name for name in columns if any(p in name for p in PLUMBING) or name.startswith("paths")]
+    metrics = {m.name.tag for m in table.metric_infos}
+    assert {"val/acc_best", "val/acc", "train/loss"} <= metrics, metrics
+
+    log = (tmp_path / "sweep" / "0" / "train.log").read_text()  # Lightning's messages reach the run's log file
+    assert "lightning" in log and "`Trainer.fit` stopped: `max_epochs=1` reached." in log, log
+    assert not list((tmp_path / "sweep").rglob("train_inputs*"))
 
 
 @pytest.mark.parametrize("overrides", [["logger=csv"], ["logger=none"], ["callbacks=none"]])
-def test_runs_without_tensorboard_or_callbacks(make_cfg, tmp_path: Path, overrides: list[str]):
-    metrics = train(make_cfg(*TINY[:-1], "trainer.max_epochs=1", *overrides))
-    assert "val/acc" in metrics
+def test_runs_without_tensorboard_or_callbacks(make_cfg, overrides: list[str]):
+    metrics = train(make_cfg(*TINY[:-1], "test=false", "trainer.max_epochs=1", *overrides))
+    assert "val/acc" in metrics and "train/loss" in metrics
+
+
+class SyncCounter(L.Callback):
+    """Counts the host-device synchronizations torch reports (its sync debug mode) within each training step."""
+
+    def __init__(self) -> None:
+        self.per_step: list[int] = []
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        torch.cuda.synchronize()
+        self._catching = warnings.catch_warnings(record=True)
+        self._caught = self._catching.__enter__()
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        torch.cuda.set_sync_debug_mode("default")
+        self._catching.__exit__(None, None, None)
+        self.per_step.append(sum("synchroniz" in str(w.message) for w in self._caught))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host-device syncs exist on a GPU only")
+def test_no_host_device_sync_on_steps_that_do_not_log(make_cfg, tmp_path: Path):
+    """On a GPU, the training steps that do not log (3 of every 4 here) make no host-device sync."""
+    cfg = make_cfg("data.batch_size=64")
+    counter = SyncCounter()
+    trainer = L.Trainer(accelerator="gpu", devices=1, max_epochs=1, limit_train_batches=16, limit_val_batches=0,
+                        log_every_n_steps=4, logger=TensorBoardLogger(tmp_path), enable_progress_bar=False,
+                        enable_checkpointing=False, callbacks=[counter, LearningRateMonitor("step")])  # fmt: skip
+    trainer.fit(hydra.utils.instantiate(cfg.model, _convert_="all"), datamodule=hydra.utils.instantiate(cfg.data))
+    logging_steps = {3, 7, 11, 15}
+    quiet = [n for step, n in enumerate(counter.per_step) if step not in logging_steps]
+    assert len(counter.per_step) == 16 and not any(quiet), counter.per_step
 
 
 def test_keeps_the_first_mistakes_in_a_fixed_size_buffer():

@@ -34,10 +34,13 @@ def test_eval_reports_what_training_reported(small_checkpoint, mnist_dir: Path, 
     assert json.loads((tmp_path / "eval.json").read_text()) == result
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    scalars = set(events.Tags()["scalars"])
-    assert {"test/acc", "test/loss", "test/f1_macro", "test/precision/0", "test/recall/9", "test/f1/5"} <= scalars
+    assert set(events.Tags()["scalars"]) == {"test/acc", "test/loss"}  # per-class numbers: one table, not 33 cards
     assert events.Scalars("test/acc")[-1].value == pytest.approx(result["test/acc"])
     assert "test/confusion_matrix" in events.Tags()["images"]
+    tensors = events.Tags()["tensors"]
+    assert {f"test_pr_curve/{d}" for d in range(10)} <= set(tensors)
+    table = events.Tensors("test_per_class/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert f"| 3 | {result['per_class']['3']['precision']:.4f} |" in table
 
 
 def test_eval_cli_prints_the_table_and_writes_json_in_its_run_dir(small_checkpoint, run_cli, tmp_path: Path):

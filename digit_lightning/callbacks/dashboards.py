@@ -1,8 +1,10 @@
-"""TensorBoard dashboards worth opening: confusion matrix, misclassified digits, sample inputs, the model graph.
+"""TensorBoard dashboards worth opening: the Custom Scalars layout, confusion matrices, misclassified digits, sample
+inputs and per-class PR curves.
 
-`Dashboards` is a Lightning callback (conf/callbacks/default.yaml). It keeps its per-batch work on the device
-(no host syncs) and renders matplotlib figures (Agg backend) once per validation epoch. Without a TensorBoard
-logger (`logger=csv`, `logger=none`) it does nothing.
+`Dashboards` is a Lightning callback (conf/callbacks/default.yaml; eval adds it too). It keeps its per-batch work
+on the device (no host syncs) and renders matplotlib figures (Agg backend) once per validation or test epoch, sized
+to be read at TensorBoard's default image size. Without a TensorBoard logger (`logger=csv`, `logger=none`) it does
+nothing.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
+from digit_lightning.tensorboard import add_net_graph, in_sweep_job, logger_of, write_layout
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -33,42 +37,56 @@ def pyplot():  # noqa: ANN201
     return plt
 
 
-def confusion_figure(matrix: torch.Tensor, title: str = "confusion matrix") -> Figure:
-    """A 10x10 confusion matrix (rows: true digit, columns: predicted) with counts in the cells."""
-    counts = matrix.detach().cpu().numpy()
-    fig, ax = pyplot().subplots(figsize=(6, 5.5), dpi=100)
-    # Colour by row share, so that rare mistakes still show next to the large diagonal.
-    share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
-    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
-    for i in range(counts.shape[0]):
-        for j in range(counts.shape[1]):
-            if counts[i, j]:
-                color = "white" if share[i, j] > 0.5 else "black"
-                ax.text(j, i, str(int(counts[i, j])), ha="center", va="center", fontsize=7, color=color)
-    ax.set(xticks=range(10), yticks=range(10), xticklabels=CLASSES, yticklabels=CLASSES)
-    ax.set(xlabel="predicted", ylabel="true", title=f"{title} ({int(counts.sum())} images)")
-    fig.tight_layout()
+# Time Series shows an image at most ~170 pixels high (wider cards do not make it taller), and shrinks it with
+# "pixelated" rendering: figures are drawn at that size, so that their text is legible as they are shown.
+CARD_DPI, CARD_HEIGHT = 100, 1.7  # inches at CARD_DPI: 170 pixels
+
+
+def confusion_figure(matrix: torch.Tensor, title: str = "confusion matrix", top: int = 8) -> Figure:
+    """A 10x10 confusion matrix (rows: true digit, columns: predicted) where only the mistakes are coloured, on a log
+    scale with their counts (the diagonal is grey), beside the `top` most frequent mistakes as a list."""
+    from matplotlib.colors import LogNorm
+
+    counts = matrix.detach().cpu().numpy().astype(np.int64)
+    diagonal = np.eye(len(counts), dtype=bool)
+    mistakes = np.ma.masked_where(diagonal | (counts == 0), counts)
+    worst = max(int(mistakes.max()) if mistakes.count() else 1, 2)
+    fig, (ax, notes) = pyplot().subplots(1, 2, figsize=(4.4, CARD_HEIGHT), dpi=CARD_DPI, width_ratios=[1, 1.05])
+    ax.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)  # a light grey diagonal
+    ax.imshow(mistakes, cmap="Reds", norm=LogNorm(vmin=0.5, vmax=worst))
+    for i, j in zip(*np.nonzero(np.ma.getdata(mistakes) * ~np.ma.getmaskarray(mistakes)), strict=True):
+        n = counts[i, j]
+        ax.text(j, i, str(n), ha="center", va="center", fontsize=6, color="white" if n > worst**0.6 else "black")
+    ax.set_xticks(range(10), CLASSES, fontsize=6.5)
+    ax.set_yticks(range(10), CLASSES, fontsize=6.5)
+    ax.tick_params(length=0, pad=1.5)
+    ax.set_xlabel("predicted", fontsize=7, labelpad=1)
+    ax.set_ylabel("true", fontsize=7, labelpad=1)
+    notes.axis("off")
+    ranked = sorted(((int(counts[i, j]), i, j) for i, j in zip(*np.nonzero(~diagonal & (counts > 0)), strict=True)),
+                    reverse=True)[:top]  # fmt: skip
+    lines = [f"{title}", f"{int(counts[~diagonal].sum())} mistakes in {int(counts.sum())}", ""]
+    lines += ["most frequent (true → predicted):"] + [f"   {i} → {j}:  {n}" for n, i, j in ranked]
+    notes.text(0, 1, "\n".join(lines), va="top", fontsize=8, linespacing=1.25, transform=notes.transAxes)
+    fig.subplots_adjust(left=0.07, right=0.99, top=0.98, bottom=0.14, wspace=0.08)
     return fig
 
 
 def image_grid(images: torch.Tensor, titles: list[str], title: str, columns: int = 8) -> Figure:
-    """A grid of normalized 1x28x28 digits (shown as MNIST shows them, white on black) with a caption each."""
+    """A grid of normalized 1x28x28 digits (white on black, as MNIST shows them) with a short caption each, drawn
+    at the size TensorBoard shows it (two rows of eight fill a Time Series card)."""
     pixels = (images.detach().cpu().float() * MNIST_STD + MNIST_MEAN).clamp(0, 1).squeeze(1).numpy()
     rows = max(1, -(-len(pixels) // columns))
-    fig, axes = pyplot().subplots(rows, columns, figsize=(columns * 1.1, rows * 1.3 + 0.4), dpi=100, squeeze=False)
+    fig, axes = pyplot().subplots(rows, columns, figsize=(columns * 0.53, rows * (CARD_HEIGHT - 0.2) / 2 + 0.2),
+                                  dpi=CARD_DPI, squeeze=False)  # fmt: skip
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, caption in zip(axes.flat, pixels, titles, strict=False):
         ax.imshow(image, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(caption, fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+        ax.set_title(caption, fontsize=8.5, pad=1.5)
+    fig.suptitle(title, fontsize=8.5, y=0.995)
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.84 if rows <= 2 else 0.9, bottom=0.01, hspace=0.3, wspace=0.1)
     return fig
-
-
-def tensorboard(trainer: L.Trainer) -> TensorBoardLogger | None:
-    """The trainer's TensorBoard logger, if it has one (`logger=csv` or `logger=none` has none)."""
-    return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
 
 
 def add_figure(logger: TensorBoardLogger, tag: str, fig: Figure, step: int) -> None:
@@ -77,26 +95,48 @@ def add_figure(logger: TensorBoardLogger, tag: str, fig: Figure, step: int) -> N
 
 
 class Dashboards(L.Callback):
-    """Per validation epoch: `val/confusion_matrix`, `val/misclassified`; once per run: `data/samples`.
+    """Everything TensorBoard shows beyond the scalars the module logs:
 
-    (The model graph comes from `TensorBoardLogger(log_graph=True)` and the module's `example_input_array`.)
+    - at fit start, the Custom Scalars layout (train vs val loss and accuracy, learning rate);
+    - at fit start, the net's graph (Graphs tab), its layers at the top level (`graph=False`: none);
+    - once per run, `train_inputs/samples`: the first training inputs as the model sees them (single runs only);
+    - per validation epoch, `val/confusion_matrix` and `val/misclassified` (the epoch's first mistakes);
+    - per test, `test/confusion_matrix` and one precision-recall curve per digit (`test_pr_curve/<digit>`, from the
+      predicted probabilities).
+
     """
 
-    def __init__(self, max_misclassified: int = 32, num_samples: int = 32) -> None:
+    def __init__(self, max_misclassified: int = 16, num_samples: int = 16, graph: bool = True) -> None:
         self.max_misclassified = max_misclassified
         self.num_samples = num_samples
+        self.graph = graph
         self.confusion = MulticlassConfusionMatrix(num_classes=10, validate_args=False)
         self._samples_logged = False
-        self._reset()
-
-    def _reset(self) -> None:
         self.wrong: dict[str, torch.Tensor] | None = None  # a fixed-size buffer of misclassified examples
+        self.test_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []  # (log-probabilities, labels) per batch
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Write the Custom Scalars layout and the net's graph (rank 0)."""
+        logger = logger_of(trainer.loggers)
+        if logger is None or not trainer.is_global_zero:
+            return
+        write_layout(logger)
+        example = pl_module.example_input_array  # None once the net is compiled: a compiled net cannot be traced
+        if self.graph and isinstance(example, torch.Tensor) and isinstance(getattr(pl_module, "net", None), nn.Module):
+            add_net_graph(logger, pl_module.net, example.to(pl_module.device))
+
+    def _start_epoch(self, pl_module: L.LightningModule) -> None:
+        self.confusion = self.confusion.to(pl_module.device)
+        self.confusion.reset()
+        self.wrong, self.test_outputs = None, []
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Start a fresh confusion matrix and mistake buffer on the module's device."""
-        self.confusion = self.confusion.to(pl_module.device)
-        self.confusion.reset()
-        self._reset()
+        self._start_epoch(pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Start a fresh confusion matrix and prediction list on the module's device."""
+        self._start_epoch(pl_module)
 
     def on_validation_batch_end(
         self,
@@ -123,38 +163,69 @@ class Dashboards(L.Callback):
         order = torch.sort((~candidate["wrong"]).to(torch.uint8), stable=True).indices[: self.max_misclassified]
         self.wrong = {k: v[order] for k, v in candidate.items()}
 
+    def on_test_batch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        outputs: torch.Tensor | None,
+        batch: tuple[torch.Tensor, torch.Tensor],
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        """Add the batch to the confusion matrix and keep its probabilities for the PR curves (on the device)."""
+        if not isinstance(outputs, torch.Tensor):
+            return
+        self.confusion.update(outputs.argmax(dim=1), batch[1])
+        self.test_outputs.append((outputs.detach(), batch[1]))
+
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Render the epoch's confusion matrix and misclassified grid into TensorBoard (rank 0)."""
-        logger = tensorboard(trainer)
+        logger = logger_of(trainer.loggers)
         if trainer.sanity_checking or logger is None or self.confusion.update_count == 0:
             return
         counts = self.confusion.compute()  # on every rank: under DDP this gathers all ranks' counts
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
-        matrix = confusion_figure(counts, f"validation confusion matrix, epoch {trainer.current_epoch}")
+        matrix = confusion_figure(counts, f"validation, epoch {trainer.current_epoch}")
         add_figure(logger, "val/confusion_matrix", matrix, step)
         if self.wrong is not None:
             keep = self.wrong["wrong"].cpu()
             images, truth, preds = (self.wrong[k].cpu()[keep] for k in ("x", "y", "pred"))
-            titles = [f"true {t} pred {p}" for t, p in zip(truth.tolist(), preds.tolist(), strict=True)]
-            heading = f"misclassified validation images (first {len(titles)}), epoch {trainer.current_epoch}"
-            if len(titles):
+            titles = [f"{t} → {p}" for t, p in zip(truth.tolist(), preds.tolist(), strict=True)]
+            heading = f"true → predicted, epoch {trainer.current_epoch}"
+            if titles:
                 add_figure(logger, "val/misclassified", image_grid(images, titles, heading), step)
-        self._reset()
+        self.wrong = None
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Render the test confusion matrix and write one PR curve per digit (rank 0's share of the test set)."""
+        logger = logger_of(trainer.loggers)
+        if logger is None or self.confusion.update_count == 0:
+            return
+        counts = self.confusion.compute()
+        if not trainer.is_global_zero:
+            return
+        step = trainer.global_step
+        add_figure(logger, "test/confusion_matrix", confusion_figure(counts, "test set"), step)
+        probs = torch.cat([p for p, _ in self.test_outputs]).float().exp().cpu()
+        labels = torch.cat([y for _, y in self.test_outputs]).cpu()
+        for digit in range(10):
+            logger.experiment.add_pr_curve(f"test_pr_curve/{digit}", labels == digit, probs[:, digit], step)
+        self.test_outputs = []
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
     ) -> None:
-        """Log the first training batch once, as the model sees it, under `data/samples`."""
-        if self._samples_logged or self.num_samples <= 0:
+        """Log the first training batch once, as the model sees it, under `train_inputs/samples` (not in a sweep's
+        jobs: each would add one more identical card)."""
+        if self._samples_logged or self.num_samples <= 0 or in_sweep_job():
             return
         self._samples_logged = True
-        logger = tensorboard(trainer)
+        logger = logger_of(trainer.loggers)
         if logger is None or not trainer.is_global_zero:
             return
         x, y = batch
         n = min(self.num_samples, len(x))
-        titles = [f"label {t}" for t in y[:n].tolist()]
-        fig = image_grid(x[:n], titles, "training inputs as the model sees them (after normalization)")
-        add_figure(logger, "data/samples", fig, trainer.global_step)
+        fig = image_grid(x[:n], [str(t) for t in y[:n].tolist()], "training inputs and their labels")
+        add_figure(logger, "train_inputs/samples", fig, trainer.global_step)

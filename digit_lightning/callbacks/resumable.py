@@ -73,5 +73,3 @@ class ResumableRun(L.Callback):
             f"Interrupted by {what} in epoch {epoch} at step {step}; saved {self.saved}. "
             f"To resume: {resume_command(self.saved)}"
         )
-
-

