@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -25,6 +26,16 @@ from digit_lightning.config import validate_config
 from digit_lightning.tensorboard import log_hparams  # also registers ${sweep_job_name:} (conf/logger)
 
 log = logging.getLogger(__name__)
+
+
+def set_cpu_threads(setting: int | str | None, processes: int) -> None:
+    """torch's intra-op CPU threads for this process. `auto`: one core fewer than this process's share of the
+    machine (at least 1), unless OMP_NUM_THREADS says otherwise: an op split over every core waits for the slowest
+    thread, and a core lost to anything else (the training loop's own Python, another process) stalls every op."""
+    if setting is None or (setting == "auto" and "OMP_NUM_THREADS" in os.environ):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(1, processes) - 1) if setting == "auto" else int(setting))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
@@ -40,6 +51,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # logger=none: the LR monitor would have nowhere to write (and Lightning refuses to run it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    set_cpu_threads(cfg.get("cpu_threads"), trainer.num_devices)
     log_hparams(trainer.loggers, cfg)
 
     ckpt_path = None
