@@ -25,20 +25,27 @@ METRIC_ORDER = ["val/acc_best", "test/acc", "test/loss", "val/acc", "val/loss", 
 
 
 def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One record per job dir: its number, overrides (`key -> value` strings) and metrics (empty if it failed)."""
+    """One record per job dir: its number, overrides (`key -> value` strings) and metrics (empty if it failed).
+
+    A job whose overrides.yaml or metrics.json cannot be read (a job killed mid-write, a file edited by hand) is
+    left out with a warning: one broken job must not cost the report of the others.
+    """
     jobs = []
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
-        overrides = yaml.safe_load(overrides_file.read_text()) or []
         metrics_file = job_dir / "metrics.json"
-        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-        jobs.append(
-            {
-                "job": job_dir.name,
-                "overrides": dict(o.lstrip("+~").split("=", 1) for o in overrides),
-                "metrics": metrics,
-            }
-        )
+        reading = overrides_file
+        try:
+            overrides = dict(o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
+            reading = metrics_file
+            metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+            if not isinstance(metrics, dict):
+                raise ValueError(f"a {type(metrics).__name__}, not a mapping of metric names to values")
+        except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
+            log.warning(f"Sweep report: skipping job {job_dir.name}: {reading} cannot be read "
+                        f"({' '.join(str(e).split())[:200]})")  # fmt: skip
+            continue
+        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": metrics})
     jobs.sort(key=lambda j: (not j["job"].isdigit(), int(j["job"]) if j["job"].isdigit() else j["job"]))
     return jobs
 

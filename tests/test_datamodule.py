@@ -1,4 +1,5 @@
-"""The fast data path, the low-overhead options (compile, bf16) and the benchmark's smoke run."""
+"""The DataModule's in-memory batches (the same tensors as torchvision's MNIST + ToTensor + Normalize), DDP
+sharding, augmentation, the low-overhead options (compile, bf16) and the benchmark's smoke run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler
+from torchvision import datasets, transforms
 
 from digit_lightning.data import MNIST_MEAN, MNIST_STD, DataError, MNISTDataModule, MNISTTensors
 from digit_lightning.train import train
@@ -29,47 +31,50 @@ def one_by_one(dataset, picks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def both(mnist_dir: Path) -> tuple[MNISTDataModule, MNISTDataModule]:
-    return datamodule(mnist_dir, fast=True), datamodule(mnist_dir, fast=False)
+def dm(mnist_dir: Path) -> MNISTDataModule:
+    return datamodule(mnist_dir)
 
 
-def test_fast_path_gives_the_torchvision_tensors_and_split(both):
-    fast, slow = both
-    assert isinstance(fast.test_set, MNISTTensors) and not isinstance(slow.test_set, MNISTTensors)
-    assert fast.train_set.indices == slow.train_set.indices and fast.val_set.indices == slow.val_set.indices
-    for name in ("train_set", "val_set", "test_set"):
-        a, b = getattr(fast, name), getattr(slow, name)
-        assert len(a) == len(b)
-        picks = torch.randint(len(a), (200,), generator=torch.Generator().manual_seed(0)).tolist()
-        x, y = a.__getitems__(picks)  # one batched fetch, as the DataLoader does
-        xb, yb = one_by_one(b, picks)
+def test_batches_are_torchvisions_tensors(dm: MNISTDataModule, mnist_dir: Path):
+    """Batches cut from the uint8 tensors equal torchvision's own MNIST through ToTensor + Normalize, bit for bit."""
+    to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize((MNIST_MEAN,), (MNIST_STD,))])
+    reference = {split: datasets.MNIST(mnist_dir, train=split, transform=to_tensor) for split in (True, False)}
+    assert isinstance(dm.test_set, MNISTTensors)
+    for name, is_train in (("train_set", True), ("val_set", True), ("test_set", False)):
+        subset = getattr(dm, name)
+        picks = torch.randint(len(subset), (32,), generator=torch.Generator().manual_seed(0)).tolist()
+        x, y = subset.__getitems__(picks)  # one batched fetch, as the DataLoader does
+        # train and val are Subsets of the 60,000 training images: torchvision's index of each picked image
+        index = [subset.indices[i] for i in picks] if hasattr(subset, "indices") else picks
+        xb, yb = one_by_one(reference[is_train], index)
+        assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32 and y.dtype == torch.int64
         assert torch.equal(x, xb) and torch.equal(y, yb), name  # bit-identical floats
     for stage in ("val", "test"):
-        (xa, ya), (xb, yb) = (next(iter(getattr(dm, f"{stage}_dataloader")())) for dm in (fast, slow))
-        assert xa.shape == (16, 1, 28, 28) and ya.dtype == torch.int64
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    assert len(fast.train_dataloader()) == len(slow.train_dataloader()) == 3438
+        x, y = next(iter(getattr(dm, f"{stage}_dataloader")()))
+        dataset = dm.val_set.dataset if stage == "val" else dm.test_set
+        first = dm.val_set.indices[:16] if stage == "val" else list(range(16))  # fixed order, no shuffle
+        assert x.shape == (16, 1, 28, 28) and torch.equal(y, dataset.labels[first].long())
+        assert torch.equal(x, one_by_one(reference[stage == "val"], first)[0])
+    assert len(dm.train_dataloader()) == 3438  # 55,000 / 16, the last batch short
 
 
-def test_fast_loader_shards_like_ddp(both):
-    """Lightning's DistributedSampler injection on the fast loader: each of 2 ranks gets its own half."""
-    fast, _ = both
-    loader = fast.val_dataloader()
+def test_loader_shards_like_ddp(dm: MNISTDataModule):
+    """Lightning's DistributedSampler injection on the loader: each of 2 ranks gets its own half."""
+    loader = dm.val_dataloader()
     seen = []
     for rank in range(2):
-        sampler = DistributedSampler(fast.val_set, num_replicas=2, rank=rank, shuffle=False)
+        sampler = DistributedSampler(dm.val_set, num_replicas=2, rank=rank, shuffle=False)
         sharded = _update_dataloader(loader, sampler)  # what the Trainer does under DDP
         indices = list(sampler)
         labels = torch.cat([y for _, y in sharded])
         assert len(labels) == 2_500
-        assert torch.equal(labels, fast.val_set.__getitems__(indices)[1])
+        assert torch.equal(labels, dm.val_set.__getitems__(indices)[1])
         seen.append(set(indices))
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(5_000))
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast", "torchvision"])
-def test_augment_changes_training_images_only(mnist_dir: Path, fast: bool):
-    plain, augmented = datamodule(mnist_dir, fast=fast), datamodule(mnist_dir, fast=fast, augment=AUGMENT)
+def test_augment_changes_training_images_only(dm: MNISTDataModule, mnist_dir: Path):
+    plain, augmented = dm, datamodule(mnist_dir, augment=AUGMENT)
     picks = list(range(64))
     x, y = one_by_one(augmented.train_set, picks)
     x0, y0 = one_by_one(plain.train_set, picks)
@@ -78,14 +83,16 @@ def test_augment_changes_training_images_only(mnist_dir: Path, fast: bool):
     background = -MNIST_MEAN / MNIST_STD
     assert (x - background).abs().lt(1e-4).float().mean() > 0.5  # still digits on the normalized background
     assert (x - x0).abs().sum(dim=(1, 2, 3)).gt(0).all()  # every image, not just some
+    batch, _ = augmented.train_set.__getitems__(picks)  # the batched path the DataLoader takes augments too
+    assert (batch - x0).abs().sum(dim=(1, 2, 3)).gt(0).all()
     assert torch.equal(augmented.val_set[0][0], plain.val_set[0][0])  # validation is never augmented
+    assert torch.equal(augmented.test_set[0][0], plain.test_set[0][0])  # nor is the test set
 
 
-def test_torchvision_path_and_bf16_train_end_to_end(make_cfg):
-    augment = "data.augment={degrees:10,translate:0.1,scale:0.1}"
-    for override in ("data.fast=false", "trainer.precision=bf16-mixed", augment, f"{augment} data.fast=false"):
-        metrics = train(make_cfg("debug=fdr", *override.split()))
-        assert torch.isfinite(torch.tensor(metrics["train/loss"])), override
+@pytest.mark.parametrize("override", ["trainer.precision=bf16-mixed", "data.augment={degrees:10,translate:0.1}"])
+def test_bf16_and_augment_train_end_to_end(make_cfg, override: str):
+    metrics = train(make_cfg("debug=fdr", override))
+    assert torch.isfinite(torch.tensor(metrics["train/loss"])), override
 
 
 @pytest.mark.slow
