@@ -9,9 +9,8 @@ import lightning as L
 import pytest
 import torch
 
-from digit_lightning.cli import CONFIG_DIR, compose_config
+from digit_lightning.cli import CONFIG_DIR, compose_config, instantiate_group
 from digit_lightning.module import DigitClassifier
-from digit_lightning.cli import instantiate_group
 
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "extras", "debug", "experiment", "hparams_search"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]

@@ -260,23 +260,17 @@ def test_writing_onto_a_directory_says_it_is_in_the_way(tiny, tmp_path: Path):
     assert "cannot write" not in str(err.value)
 
 
-@pytest.mark.parametrize("where", ["data_dir under a file", "directory in a raw file's place"])
-def test_data_cli_with_a_bad_data_dir_prints_one_line(tmp_path: Path, where: str):
-    if where == "data_dir under a file":
-        (tmp_path / "file").write_text("")
-        data_dir = tmp_path / "file" / "data"
-        line = (f"error: cannot write to {data_dir.resolve()}/MNIST/raw (Not a directory); "
-                "point paths.data_dir (or $DIGIT_LIGHTNING_DATA) at a writable directory")  # fmt: skip
-    else:
-        data_dir = tmp_path / "data"
-        victim = data_dir / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
-        victim.mkdir(parents=True)
-        line = f"error: {victim.resolve()}: a directory is in the way of an MNIST raw file; remove it"
+def test_data_cli_with_a_bad_data_dir_prints_one_line(tmp_path: Path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
     result = subprocess.run(
-        [sys.executable, "-m", "digit_lightning.data", str(data_dir)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "digit_lightning.data", str(not_a_dir / "data")], capture_output=True, text=True
     )
     assert result.returncode == EXIT_USER_ERROR
-    assert result.stderr.splitlines() == [line] and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        f"error: cannot write to {not_a_dir.resolve()}/data/MNIST/raw (Not a directory); "
+        "point paths.data_dir (or $DIGIT_LIGHTNING_DATA) at a writable directory"
+    ]
 
 
 @pytest.mark.slow

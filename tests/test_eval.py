@@ -9,6 +9,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digit_lightning.cli import compose_config
+from digit_lightning.config import ConfigError
 from digit_lightning.eval import evaluate
 
 
@@ -59,5 +60,19 @@ def test_eval_without_a_checkpoint_says_what_to_pass(run_cli, tmp_path: Path):
     result = run_cli("digit_lightning.eval", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
-        "error: ckpt_path is not set; pass ckpt_path=<run dir>/checkpoints/<name>.ckpt"
+        "error: ckpt_path is not set; pass ckpt_path=last, a run dir or a .ckpt file"
     )
+
+
+@pytest.mark.parametrize("value", ["abc", "-3", "2.5"])
+def test_eval_refuses_a_bad_batch_size_before_loading_anything(tmp_path: Path, value: str):
+    """`data.batch_size=abc` and friends: one line naming the key (`data.batch_size=0` runs through the CLI in
+    test_config_errors.py), raised before the checkpoint or the data is looked at."""
+    cfg = compose_config(
+        [f"data.batch_size={value}", "ckpt_path=missing.ckpt", f"paths.output_dir={tmp_path}",
+         f"paths.data_dir={tmp_path}/data"], config_name="eval",
+    )  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        evaluate(cfg)
+    assert str(err.value) == f"data.batch_size={value}: must be an integer >= 1"
+    assert list(tmp_path.iterdir()) == []

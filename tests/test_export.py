@@ -12,7 +12,7 @@ import torch
 
 from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.cli import compose_config
-from digit_lightning.data import MNIST_MEAN, MNIST_STD, read_idx
+from digit_lightning.data import MNIST_MEAN, MNIST_STD, load_mnist
 from digit_lightning.export import export
 
 # Runs the exported file in a fresh interpreter where importing digit_lightning fails.
@@ -43,8 +43,7 @@ def test_export_matches_pytorch_on_real_test_images(small_checkpoint, mnist_dir:
     cfg = compose_config([f"ckpt_path={path}", f"format={fmt}", f"output={output}"], config_name="export")
     assert export(cfg) == output and output.is_file()
 
-    raw = mnist_dir / "MNIST" / "raw"
-    images = ((read_idx(raw / "t10k-images-idx3-ubyte")[:200].float() / 255 - MNIST_MEAN) / MNIST_STD)[:, None]
+    images = ((load_mnist(mnist_dir, train=False)[0][:200].float() / 255 - MNIST_MEAN) / MNIST_STD)[:, None]
     np.save(tmp_path / "images.npy", images.numpy())
     run = [sys.executable, "-c", STANDALONE, fmt, str(output), str(tmp_path / "images.npy"), str(tmp_path / "y.npy")]
     result = subprocess.run(run, capture_output=True, text=True, cwd=tmp_path, timeout=300)

@@ -12,9 +12,9 @@ from PIL import Image
 
 from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.cli import compose_config
-from digit_lightning.data import MNIST_MEAN, MNIST_STD, read_idx
-from digit_lightning.predict import UsageError, check_settings, predict_files, render
+from digit_lightning.data import MNIST_MEAN, MNIST_STD, load_mnist
 from digit_lightning.data.preprocess import PreprocessError, preprocess_image
+from digit_lightning.predict import UsageError, check_settings, predict_files, render
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
@@ -22,8 +22,8 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 @pytest.fixture(scope="module")
 def test_digits(mnist_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """The first 300 official test images (uint8, 28x28) and their labels."""
-    raw = mnist_dir / "MNIST" / "raw"
-    return read_idx(raw / "t10k-images-idx3-ubyte")[:300], read_idx(raw / "t10k-labels-idx1-ubyte")[:300].long()
+    images, labels = load_mnist(mnist_dir, train=False)
+    return images[:300], labels[:300]
 
 
 def test_preprocessing_an_mnist_digit_gives_it_back(test_digits):
@@ -61,6 +61,27 @@ def test_photos_of_test_digits_are_recognized_at_the_models_accuracy(
     top = results[0]["top"]
     assert len(top) == 3 and top[0]["prob"] >= top[1]["prob"] >= top[2]["prob"]
     assert sum(t["prob"] for t in top) <= 1 + 1e-6
+
+
+def test_16_bit_dark_on_light_digits_are_scaled_not_clipped(small_checkpoint, test_digits, make_photo, tmp_path):
+    """A 16-bit gray PNG (PIL mode I;16) of a photo is the same picture as its 8-bit version, and predicted alike."""
+    images, labels = test_digits
+    rng = np.random.default_rng(1)
+    for i, digit in enumerate(images[:20].numpy()):
+        gray = np.asarray(make_photo(digit, rng).convert("L"))  # dark ink on light paper
+        Image.fromarray(gray).save(tmp_path / f"{i:02d}_8bit.png")
+        Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / f"{i:02d}_16bit.png")  # 255 -> 65535
+    assert Image.open(tmp_path / "00_16bit.png").mode == "I;16"
+    for i in range(20):
+        eight, sixteen = (preprocess_image(tmp_path / f"{i:02d}_{bits}.png") for bits in ("8bit", "16bit"))
+        assert torch.allclose(eight, sixteen, atol=1e-4), i
+
+    results, errors = predict_files(load_checkpoint(small_checkpoint[0]), [tmp_path])
+    assert errors == [] and len(results) == 40
+    digits = {Path(r["file"]).name: r["digit"] for r in results}
+    assert all(digits[f"{i:02d}_16bit.png"] == digits[f"{i:02d}_8bit.png"] for i in range(20)), digits
+    correct = sum(digits[f"{i:02d}_16bit.png"] == labels[i] for i in range(20))
+    assert correct >= 16, digits  # the model's accuracy, not a blank (clipped to white) page
 
 
 def write_bad_files(folder: Path) -> dict[str, str]:
@@ -123,12 +144,15 @@ def test_example_images_and_output_formats(small_checkpoint, run_cli, tmp_path: 
 @pytest.mark.parametrize(
     ("override", "message"),
     [("format=xml", "format=xml is not one of table, json, csv"), ("inputs=[]", "no inputs; pass inputs="),
-     ("top_k=0", "top_k=0 must be a whole number from 1 to 10"), ("ckpt_path=null", "ckpt_path is not set")],
+     ("top_k=0", "top_k=0 must be a whole number from 1 to 10"), ("ckpt_path=null", "ckpt_path is not set"),
+     ("batch_size=-1", "batch_size=-1 must be a whole number >= 1"),
+     ("batch_size=abc", "batch_size=abc must be a whole number >= 1")],
 )  # fmt: skip
 def test_bad_settings_are_refused(override: str, message: str):
     cfg = compose_config(["ckpt_path=model.ckpt", "inputs=[a.png]", override], config_name="predict")
-    with pytest.raises(UsageError, match=message.replace("[", r"\[")):
+    with pytest.raises(UsageError, match=message.replace("[", r"\[")) as err:
         check_settings(cfg)
+    assert "\n" not in str(err.value)  # the CLI prints it as one `error:` line (see the test below)
 
 
 def test_cli_bad_setting_is_one_line_and_status_2(run_cli, tmp_path: Path):

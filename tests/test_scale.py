@@ -14,16 +14,14 @@ import hydra
 import lightning as L
 import numpy as np
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import DDPStrategy
 
-from digit_lightning import data
-from digit_lightning.checkpoint import AtomicCheckpointIO
+from digit_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from digit_lightning.cli import CONFIG_DIR
-from digit_lightning.data import MNISTDataModule, idx_bytes
-from digit_lightning.module import build_model
+from digit_lightning.data import MNISTDataModule, mnist
+from digit_lightning.data.mnist import idx_bytes
 
 
 def compose_with_hydra(*overrides: str):
@@ -85,9 +83,7 @@ def test_ddp_sim_trains_and_syncs_metrics(run_cli, mnist_dir: Path, tmp_path: Pa
 
     # Metrics are synced: DDP's test/acc (each rank saw 5,000 images) is exactly the single-process test/acc
     # of the same checkpoint on all 10,000.
-    checkpoint = torch.load(next((tmp_path / "ddp" / "checkpoints").glob("epoch_*.ckpt")), weights_only=True)
-    model = build_model(checkpoint["hyper_parameters"]["model_config"])
-    model.load_state_dict(checkpoint["state_dict"])
+    model = load_checkpoint(next((tmp_path / "ddp" / "checkpoints").glob("epoch_*.ckpt")))
     datamodule = MNISTDataModule(data_dir=str(mnist_dir), batch_size=500)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, default_root_dir=tmp_path)
     (tested,) = trainer.test(model, datamodule=datamodule, verbose=False)
@@ -97,8 +93,8 @@ def test_ddp_sim_trains_and_syncs_metrics(run_cli, mnist_dir: Path, tmp_path: Pa
 def test_concurrent_preparers_fetch_mnist_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Three processes (DDP ranks, sweep jobs) prepare the data at once: one fetches, all see only whole files."""
     blobs = {name: idx_bytes(np.full((3, 28, 28) if "images" in name else (3,), i, np.uint8))
-             for i, name in enumerate(data.RAW_FILES)}  # fmt: skip
-    monkeypatch.setattr(data, "RAW_FILES", {n: hashlib.md5(b).hexdigest() for n, b in blobs.items()})
+             for i, name in enumerate(mnist.RAW_FILES)}  # fmt: skip
+    monkeypatch.setattr(mnist, "RAW_FILES", {n: hashlib.md5(b).hexdigest() for n, b in blobs.items()})
     calls = tmp_path / "calls"
 
     def slow_source(raw_dir: Path, names: list[str]) -> None:
@@ -106,13 +102,13 @@ def test_concurrent_preparers_fetch_mnist_once(tmp_path: Path, monkeypatch: pyte
             f.write(f"{os.getpid()}\n")
         for name in names:
             time.sleep(0.2)  # a slow download while the others wait on the lock
-            data.write_atomic(raw_dir / name, blobs[name], data.RAW_FILES[name])
+            mnist.write_verified(raw_dir / name, blobs[name])
 
     def prepare_and_check() -> None:
-        raw = data.prepare_mnist(tmp_path, sources=["slow"], log=lambda m: None)
-        sys.exit(1 if data.unverified(raw) else 0)
+        raw = mnist.prepare_mnist(tmp_path, sources=["slow"], log=lambda m: None)
+        sys.exit(1 if mnist.unverified(raw) else 0)
 
-    monkeypatch.setattr(data, "SOURCES", {"slow": slow_source})
+    monkeypatch.setattr(mnist, "FETCHERS", {"slow": slow_source})
     processes = [multiprocessing.get_context("fork").Process(target=prepare_and_check) for _ in range(3)]
     for p in processes:
         p.start()

@@ -90,6 +90,28 @@ def test_report_follows_the_sweepers_direction(tmp_path: Path):
     assert [r[0] for r in list(csv.reader((sweep / "sweep_report.csv").open()))[1:]] == ["1", "0"]
 
 
+@pytest.mark.parametrize(
+    ("broken", "content"),
+    [("0/.hydra/overrides.yaml", "- model.optimizer.lr=0.01\n- [unclosed\n"),
+     ("0/.hydra/overrides.yaml", "just a string\n"),
+     ("0/metrics.json", '{"val/acc_best": 0.97, "val/lo'),
+     ("0/metrics.json", "[0.97]")],
+    ids=["overrides not yaml", "overrides not a list", "metrics truncated", "metrics not a mapping"],
+)  # fmt: skip
+def test_report_skips_a_job_it_cannot_read_with_a_warning(tmp_path: Path, caplog, broken: str, content: str):
+    jobs = [(["seed=1"], {"val/acc_best": 0.9}), (["seed=2"], {"val/acc_best": 0.8}), (["seed=3"], None)]
+    sweep = fake_sweep(tmp_path / "sweep", jobs)
+    (sweep / broken).write_text(content)  # e.g. a job killed while its file was written by hand or a tool
+    with caplog.at_level("WARNING", logger="digit_lightning.sweep_report"):
+        report = write_report(sweep)
+    rows = list(csv.reader((sweep / "sweep_report.csv").open()))
+    assert [r[0] for r in rows[1:]] == ["1", "2"]  # the others, the failed job 2 included, are still reported
+    assert "jobs 2" in report.read_text() and "2 jobs" in report.read_text()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert warnings[0].startswith(f"Sweep report: skipping job 0: {sweep / broken} cannot be read ("), warnings
+
+
 def test_report_cli_rejects_a_dir_without_jobs(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert report_main([str(tmp_path)]) == 1
     assert (

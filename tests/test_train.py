@@ -8,6 +8,8 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from digit_lightning.checkpoint import load_checkpoint
+from digit_lightning.models.digit import Digit
 from digit_lightning.train import train
 
 SCALARS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc"}
@@ -39,9 +41,13 @@ def test_small_slice_learns_and_logs_to_tensorboard(make_cfg, tmp_path: Path):
     session = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]  # tests/test_dashboards.py: more
     assert b"batch_size" in session and b"lr" in session
 
-    # The checkpoint rebuilds its own model from plain data: no pickled code needed.
-    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["hyper_parameters"]["model_config"]["net"]["_target_"] == "digit_lightning.model.Digit"
+    # The checkpoint names its net as plain data (no pickled code, no `_target_`) and is rebuilt from that name.
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["hyper_parameters"] == {"net": {"name": "digit"}, "compile": False}
+    model = load_checkpoint(last)
+    assert isinstance(model.net, Digit) and not model.training
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint["state_dict"].items())
 
 
 def test_cli_trains_and_prints_test_metrics(run_cli, tmp_path: Path):

@@ -49,7 +49,10 @@ def load_gray(image: str | Path | Image.Image) -> np.ndarray:
                 rgba = img.convert("RGBA")
                 paper = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(paper, rgba)
-            gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+            if img.mode.startswith("I;16"):  # 16-bit gray: convert("L") would clip every level above 255 to white
+                gray = np.asarray(img, dtype=np.float32) / 65535.0
+            else:
+                gray = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
     except PreprocessError:
         raise
     except FileNotFoundError:
