@@ -51,6 +51,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train": (_bool, "true or false"),
     "test": (_bool, "true or false"),
     "extras.print_config": (_bool, "true or false"),
+    "tta": (_bool, "true or false"),
 }
 
 

@@ -1,5 +1,8 @@
 """Evaluate a checkpoint on the official test set: `python -m digit_lightning.eval ckpt_path=<file.ckpt>`.
 
+`'ckpt_path=[a.ckpt,b.ckpt,c.ckpt]'` evaluates the ensemble of those checkpoints (their mean probabilities) and
+reports each member's test metrics too; `tta=true` averages over one-pixel shifts (digit_lightning.ensemble).
+
 Reports test/acc and test/loss (the same numbers training's test reported for that checkpoint), per-class precision,
 recall and F1, and the confusion matrix: as a table, as JSON in the run directory, and in TensorBoard.
 """
@@ -27,9 +30,9 @@ from torchmetrics.classification import (
 
 from digit_lightning import cli
 from digit_lightning.callbacks.dashboards import add_figure, confusion_figure, tensorboard
-from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.config import validate_config
-from digit_lightning.runs import ResumeError, find_checkpoint
+from digit_lightning.ensemble import MemberScores, checkpoint_paths, ensemble_report, load_model, members, print_members
+from digit_lightning.runs import ResumeError
 
 log = logging.getLogger(__name__)
 
@@ -124,15 +127,16 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     validate_config(cfg, "eval")
     if not cfg.get("ckpt_path"):
         raise ResumeError("ckpt_path is not set; pass ckpt_path=last, a run dir or a .ckpt file")
-    ckpt_path = find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
-    model = load_checkpoint(ckpt_path)
+    ckpt_paths = checkpoint_paths(cfg.ckpt_path, cfg.paths.log_dir)
+    model = load_model(ckpt_paths, tta=cfg.get("tta", False))
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
-    class_metrics = ClassMetrics()
+    class_metrics, member_scores = ClassMetrics(), MemberScores(members(model))
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[class_metrics], logger=cli.instantiate_group(cfg.get("logger"))
+        cfg.trainer, callbacks=[class_metrics, member_scores], logger=cli.instantiate_group(cfg.get("logger"))
     )
     scores = trainer.test(model, datamodule=datamodule, verbose=False)[0]
-    result = report(str(ckpt_path), scores, class_metrics.compute())
+    result = report(str(ckpt_paths[0]), scores, class_metrics.compute())
+    result.update(ensemble_report(ckpt_paths, cfg.get("tta", False), member_scores.compute()))
 
     per_class = {f"test/{k}/{d}": m[k] for d, m in result["per_class"].items() for k in ("precision", "recall", "f1")}
     for logger in trainer.loggers:
@@ -148,6 +152,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         tb.experiment.flush()
 
     print_report(result)
+    print_members(result)
     if cfg.get("output_json"):
         out = Path(cfg.output_json)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,8 +1,9 @@
 """Export a checkpoint to run without this package: `python -m digit_lightning.export ckpt_path=<ckpt> format=onnx`.
 
 Both formats take normalized Nx1x28x28 float32 images (see digit_lightning.preprocess) of any batch size N and
-return Nx10 log-probabilities. After writing, the file is loaded back (onnxruntime / torch.jit) and compared with
-the PyTorch model.
+return Nx10 log-probabilities; a list of checkpoints (`'ckpt_path=[a.ckpt,b.ckpt]'`) exports their ensemble, and
+`tta=true` the test-time augmented model (digit_lightning.ensemble). After writing, the file is loaded back
+(onnxruntime / torch.jit) and compared with the PyTorch model.
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from digit_lightning import cli
-from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
-from digit_lightning.runs import find_checkpoint
+from digit_lightning.ensemble import checkpoint_paths, load_model
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".pt"}
 INPUT, OUTPUT = "image", "log_probs"
@@ -101,9 +101,10 @@ def export(cfg: DictConfig) -> Path:
         raise ExportError(f"format={cfg.format} is not one of {', '.join(FORMATS)}")
     if cfg.format == "onnx" and (not isinstance(cfg.opset, int) or isinstance(cfg.opset, bool) or cfg.opset < MIN_OPSET):
         raise ExportError(f"opset={cfg.opset} must be a whole number >= {MIN_OPSET} (torch's ONNX exporter's oldest)")
-    ckpt_path = find_checkpoint(cfg.ckpt_path, cfg.log_dir)
-    net = load_checkpoint(ckpt_path).net.eval()
-    output = Path(cfg.output) if cfg.get("output") else ckpt_path.with_suffix(FORMATS[cfg.format])
+    paths = checkpoint_paths(cfg.ckpt_path, cfg.log_dir)
+    net = load_model(paths, tta=cfg.get("tta", False)).net.eval()
+    stem = paths[0].stem + ("_ensemble" if len(paths) > 1 else "_tta" if cfg.get("tta") else "")
+    output = Path(cfg.output) if cfg.get("output") else paths[0].with_name(stem + FORMATS[cfg.format])
     if output.is_dir():
         raise ExportError(f"output={output} is a directory; pass a file name, e.g. output={output}/digit.onnx")
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,9 @@ class DigitClassifier(L.LightningModule):
     """Trains a net from `digit_lightning.models` (named by `net`, which returns log-probabilities); the optimizer
     and the optional LR scheduler are factories from the config.
 
+    `label_smoothing` (epsilon) trains on (1 - epsilon) * NLL + epsilon * the mean of -log p over the 10 classes;
+    train/loss logs that objective, val/loss and test/loss the plain NLL, so they compare across settings.
+
     Logged: train/loss, train/acc, val/loss, val/acc, val/acc_best, test/loss, test/acc (epoch means).
     The hyperparameters a checkpoint stores are plain data (the net's name and arguments), so
     `DigitClassifier.load_from_checkpoint` rebuilds the net by name and runs no code from the file.
@@ -35,6 +38,7 @@ class DigitClassifier(L.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         compile: bool = False,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         net = dict(net or {"name": "digit"})
@@ -43,6 +47,9 @@ class DigitClassifier(L.LightningModule):
         self.save_hyperparameters({"net": net, "compile": bool(compile)})
         self.net = build_net(**net)
         self.compile_net = compile
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing} must be in [0, 1)")
+        self.label_smoothing = float(label_smoothing)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         # One metric object per stage: they keep separate running states. Their input checks are off: each one
@@ -66,11 +73,13 @@ class DigitClassifier(L.LightningModule):
         return self.net(x)
 
     def _step(
-        self, batch: Batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy
+        self, batch: Batch, loss_metric: MeanMetric, acc_metric: MulticlassAccuracy, smoothing: float = 0.0
     ) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
         log_probs = self(x)
         losses = F.nll_loss(log_probs, y, reduction="none")  # the net already applies log-softmax
+        if smoothing:  # cross-entropy with the target (1 - eps) on the label and eps spread evenly over all classes
+            losses = (1 - smoothing) * losses - smoothing * log_probs.mean(dim=1)
         # Per-image losses, so the epoch mean is a per-image mean whatever the batch sizes. (A batch mean with
         # `weight=` would do too, but MeanMetric ignores scalar weights when its NaN check is disabled.)
         loss_metric.update(losses.detach())
@@ -88,7 +97,7 @@ class DigitClassifier(L.LightningModule):
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         """Loss on a training batch; logs `train/loss` and `train/acc` as epoch means."""
-        loss, _ = self._step(batch, self.train_loss, self.train_acc)
+        loss, _ = self._step(batch, self.train_loss, self.train_acc, self.label_smoothing)
         return loss
 
     def on_train_epoch_end(self) -> None:

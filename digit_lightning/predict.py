@@ -1,7 +1,8 @@
 """Recognize handwritten digits in images: `python -m digit_lightning.predict ckpt_path=<ckpt> inputs=[a.png,dir/]`.
 
 Each image is preprocessed the way MNIST was made (digit_lightning.preprocess), then classified; the output is
-the predicted digit and the top-k probabilities per file, as a table, JSON or CSV on stdout. A file that cannot be
+the predicted digit and the top-k probabilities per file (of an ensemble's mean probabilities when `ckpt_path` is a
+list of checkpoints), as a table, JSON or CSV on stdout. A file that cannot be
 read or holds no ink is one line on stderr; the others are still predicted; the exit status is 1 if any failed.
 """
 
@@ -22,9 +23,8 @@ from rich.console import Console
 from rich.table import Table
 
 from digit_lightning import cli
-from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.data.preprocess import IMAGE_SUFFIXES, PreprocessError, find_images, preprocess_image
-from digit_lightning.runs import find_checkpoint
+from digit_lightning.ensemble import checkpoint_paths, load_model
 
 FORMATS = ("table", "json", "csv")
 
@@ -109,6 +109,8 @@ def check_settings(cfg: DictConfig) -> list[str]:
         raise UsageError(f"top_k={cfg.top_k} must be a whole number from 1 to 10")
     if not isinstance(cfg.batch_size, int) or isinstance(cfg.batch_size, bool) or cfg.batch_size < 1:
         raise UsageError(f"batch_size={cfg.batch_size} must be a whole number >= 1")
+    if not isinstance(cfg.get("tta", False), bool):
+        raise UsageError(f"tta={cfg.tta} must be true or false")
     if cfg.device not in ("cpu", "cuda", "auto"):
         raise UsageError(f"device={cfg.device} is not one of cpu, cuda, auto")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -120,7 +122,7 @@ def predict(cfg: DictConfig) -> int:
     """Run the prediction the config describes, print it; return the exit status."""
     inputs = check_settings(cfg)
     device = "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
-    model = load_checkpoint(find_checkpoint(cfg.ckpt_path, cfg.log_dir), map_location=device)
+    model = load_model(checkpoint_paths(cfg.ckpt_path, cfg.log_dir), tta=cfg.get("tta", False), map_location=device)
     results, errors = predict_files(model, inputs, cfg.top_k, cfg.batch_size)
     if results or cfg.format != "table":
         print(render(results, cfg.format))

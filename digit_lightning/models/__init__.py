@@ -2,20 +2,26 @@
 
 Checkpoints store this name and these arguments as plain data, and `build_net` is the only way a net is rebuilt
 from one: a name outside `MODELS`, or an argument of the wrong type, is refused, and no `_target_` from a file
-is ever instantiated. Adding a model: a module here, one line in `MODELS`, one yaml in `conf/model/`.
+is ever instantiated. Adding a model: a module here whose class is decorated with `@register("<name>")` (every
+module of this package is imported below, so that is all), and one yaml in `conf/model/`.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
+import pkgutil
 from typing import Any
 
 from torch import nn
 
 from digit_lightning.cli import UserError
-from digit_lightning.models.digit import Digit
+from digit_lightning.models.registry import MODELS, register
 
-MODELS: dict[str, type[nn.Module]] = {"digit": Digit}
+for _module in pkgutil.iter_modules(__path__):  # each net module registers its class(es) when imported
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+__all__ = ["MODELS", "ModelError", "build_net", "count_parameters", "register"]
 PLAIN = (bool, int, float, str)
 
 

@@ -5,7 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from digit_lightning.models.registry import register
 
+
+@register("digit")
 class Digit(nn.Module):
     """conv 1->10 k5, ReLU, maxpool 2, conv 10->20 k3, ReLU, flatten (2000), linear 2000->500, ReLU, linear 500->10."""
 

@@ -1,0 +1,37 @@
+"""`EMA`: an exponential moving average of the weights, which validation, checkpoints and the test use."""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
+from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+
+class EMA(WeightAveraging):
+    """Lightning's `WeightAveraging` with torch's fused EMA update: after each optimizer step from `start_step` on,
+    average <- decay * average + (1 - decay) * weights, for the parameters and the batch-norm statistics alike.
+
+    Lightning swaps the average in for every validation epoch (so `val/acc` and the checkpoint chosen by it are the
+    average's), saves it as the checkpoint's `state_dict` (the raw weights go to `current_model_state`, from which a
+    resumed run continues), and copies it into the model when training ends. Eval, predict and export therefore load
+    the averaged weights.
+    """
+
+    def __init__(self, decay: float = 0.999, start_step: int = 0) -> None:
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"decay={decay} must be between 0 and 1")
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay, self.start_step = decay, start_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        """Update after every optimizer step from `start_step` on (never at epoch ends)."""
+        return step_idx is not None and step_idx >= self.start_step
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        """Copy the model for the average when fitting starts."""
+        with warnings.catch_warnings():
+            # Lightning warns that a configure_model hook could shard the model; ours only compiles it in place.
+            warnings.filterwarnings("ignore", ".*WeightAveraging doesn't support sharding.*")
+            super().setup(trainer, pl_module, stage)
