@@ -36,10 +36,10 @@ def hardware() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
     name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+              if line.startswith("model name")]  # fmt: skip
+    name = models[0] if models else name
     return f"{name}, {os.cpu_count()} cores (CPU)"
 
 
@@ -51,7 +51,8 @@ def run(models: list[str], seeds: list[int], epochs: int, root: Path, extra: lis
             if (out / "wall.json").is_file():
                 continue  # already done: a re-run only adds what is missing
             command = [sys.executable, "-m", "digit_lightning.train", f"model={model}", f"seed={seed}",
-                       f"trainer.max_epochs={epochs}", f"hydra.run.dir={out}", "callbacks.progress_bar=null", *extra]  # fmt: skip
+                       f"trainer.max_epochs={epochs}", f"hydra.run.dir={out}", "callbacks.progress_bar=null",
+                       *extra]  # fmt: skip
             start = time.perf_counter()
             result = subprocess.run(command, capture_output=True, text=True)
             wall = time.perf_counter() - start
@@ -80,7 +81,8 @@ def collect(roots: list[Path]) -> dict[tuple, list[dict]]:
 def table(roots: list[Path]) -> str:
     """The Markdown table of the runs under `roots`, plus a 'not run here' row for each planned recipe not found."""
     lines = [
-        "| model | parameters | epochs | batch | seeds | test/acc (mean ± sd) | wall per run (whole command) | hardware |",
+        "| model | parameters | epochs | batch | seeds | test/acc (mean ± sd) | wall per run (whole command) "
+        "| hardware |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     groups = collect(roots)

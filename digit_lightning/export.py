@@ -103,6 +103,8 @@ def export(cfg: DictConfig) -> Path:
         not isinstance(cfg.opset, int) or isinstance(cfg.opset, bool) or cfg.opset < MIN_OPSET
     ):
         raise ExportError(f"opset={cfg.opset} must be a whole number >= {MIN_OPSET} (torch's ONNX exporter's oldest)")
+    if not isinstance(cfg.get("tta", False), bool):
+        raise ExportError(f"tta={cfg.tta} must be true or false")
     paths = checkpoint_paths(cfg.ckpt_path, cfg.log_dir)
     net = load_model(paths, tta=cfg.get("tta", False)).net.eval()
     stem = paths[0].stem + ("_ensemble" if len(paths) > 1 else "_tta" if cfg.get("tta") else "")

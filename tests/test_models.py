@@ -107,7 +107,7 @@ def test_model_trains_loads_exports_and_predicts(trained, test_images, tmp_path:
     assert np.allclose([[p for _, p in t] for t in top], top2, atol=1e-6)
 
 
-def test_ensemble_probabilities_are_the_mean_of_its_members(trained, test_images):
+def test_ensemble_probabilities_are_the_mean_of_its_members(trained, test_images, tmp_path: Path):
     paths = [trained[name][0] for name in ("digit", "lenet5", "fast")]
     images, _ = test_images
     ensemble = load_model(paths)
@@ -117,6 +117,10 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(trained, test_images
         got = ensemble(images).exp()
     assert torch.allclose(got, members.mean(dim=0), atol=1e-6)
     assert torch.allclose(got.sum(dim=1), torch.ones(len(images)), atol=1e-5)
+
+    for fmt, write in (("torchscript", export_torchscript), ("onnx", export_onnx)):  # one file for the ensemble
+        write(ensemble.net, tmp_path / f"ensemble.{fmt}")
+        assert np.abs(run_exported(tmp_path / f"ensemble.{fmt}", fmt, images) - got.log().numpy()).max() <= 1e-4
 
     tta = load_model(paths[:1], tta=True)
     assert isinstance(tta.net, ShiftTTA)
