@@ -45,6 +45,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.batch_size": (_int(1), "an integer >= 1"),
     "data.val_size": (_int(1, MNIST_TRAIN_IMAGES - 1), f"an integer from 1 to {MNIST_TRAIN_IMAGES - 1}"),
     "data.split_seed": (_int(-(2**63)), "an integer"),
+    "data.num_folds": (lambda v: v is None or _int(2, MNIST_TRAIN_IMAGES)(v), "null (no folds) or an integer >= 2"),
+    "data.fold": (_int(0), "an integer >= 0 (below data.num_folds)"),
     "model.optimizer.lr": (_positive, "a finite number > 0"),
     "model.scheduler.max_lr": (_positive, "a finite number > 0"),
     "seed": (lambda v: v is None or _int(0, 2**32 - 1)(v), "an integer from 0 to 2**32-1, or null"),
@@ -124,3 +126,6 @@ def validate_config(cfg: DictConfig, config_name: str = "train") -> None:
         value = OmegaConf.select(cfg, key, default=missing)
         if value is not missing and not ok(value):
             raise ConfigError(f"{key}={show(value)}: must be {allowed}")
+    folds, fold = OmegaConf.select(cfg, "data.num_folds"), OmegaConf.select(cfg, "data.fold")
+    if folds is not None and fold is not None and fold >= folds:
+        raise ConfigError(f"data.fold={fold}: must be from 0 to {folds - 1} (data.num_folds={folds})")

@@ -2,8 +2,13 @@
 
 Writes, into the multirun dir, `sweep_report.md` and `sweep_report.csv` (every job's swept overrides and final
 metrics, best first by the optimized metric) and `sweep_report.png` (the metric against each swept parameter).
-Each job's metrics come from the `metrics.json` that train.py leaves in its run dir. Hydra runs this at the end of
-every multirun through the `SweepReport` callback in conf/hydra/default.yaml.
+Each job's metrics come from the `metrics.json` that train.py leaves in its run dir; a job whose files are
+unreadable is left out with a warning. Hydra runs this at the end of every multirun through the `SweepReport`
+callback in conf/hydra/default.yaml.
+
+An Optuna sweep (`optimization_results.yaml` names its study) adds each job's trial number and state (COMPLETE,
+PRUNED, FAIL) and Optuna's views of the whole study: `optuna_history.png`, `optuna_importances.png`,
+`optuna_parallel.png`. A k-fold multirun (`data.fold` swept) adds the mean ± sd over the folds of each setting.
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import csv
 import json
 import logging
 import math
+import statistics
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +79,9 @@ def _number(text: str) -> float | None:
 def build_table(
     jobs: list[dict[str, Any]], metric: str, direction: str
 ) -> tuple[list[str], list[str], list[list[Any]]]:
-    """The swept keys (overrides that differ between jobs), the metric names, and rows best first."""
+    """The swept keys (overrides that differ between jobs), the metric names, and rows best first.
+
+    A row is the job, its trial number and state (Optuna sweeps only), the swept values, then the metrics."""
     keys = sorted({k for j in jobs for k in j["overrides"]})
     swept = [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1]
     found = {m for j in jobs for m in j["metrics"]} - {"epoch", "global_step"}
@@ -84,7 +93,9 @@ def build_table(
         value = job["metrics"].get(metric)
         return value is None, sign * value if value is not None else 0.0
 
-    rows = [[j["job"], *(j["overrides"].get(k, "") for k in swept), *(j["metrics"].get(m) for m in metrics)]
+    trials = any("state" in j for j in jobs)  # an Optuna sweep: each job's trial number and state
+    rows = [[j["job"], *([j.get("trial"), j.get("state")] if trials else []),
+             *(j["overrides"].get(k, "") for k in swept), *(j["metrics"].get(m) for m in metrics)]
             for j in sorted(jobs, key=rank)]  # fmt: skip
     return swept, metrics, rows
 
@@ -125,15 +136,134 @@ def _cell(value: Any) -> str:
     return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def load_study(sweep_dir: Path) -> Any | None:
+    """The Optuna study named in the sweep's `optimization_results.yaml`; None if there is none or it is unreadable."""
+    results_file = sweep_dir / "optimization_results.yaml"
+    results = yaml.safe_load(results_file.read_text()) if results_file.is_file() else None
+    if not isinstance(results, dict) or not results.get("storage") or not results.get("study_name"):
+        return None
+    storage, name = str(results["storage"]), str(results["study_name"])
+    try:
+        import optuna
+
+        from digit_lightning.study import open_storage
+
+        if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
+            raise FileNotFoundError(f"no such file {storage.removeprefix('sqlite:///')}")
+        return optuna.load_study(study_name=name, storage=open_storage(storage))
+    except Exception as e:  # the report still has the jobs' own files
+        log.warning(f"Optuna study {name!r} in {storage} not read: {type(e).__name__}: {e}")
+        return None
+
+
+def attach_trials(study: Any, sweep_dir: Path, jobs: list[dict[str, Any]]) -> None:
+    """Add each job's Optuna trial number and state (`PRUNED at epoch 1`), matched by the trial's run dir."""
+    here = str(sweep_dir.resolve())
+    trials = {str(t.user_attrs.get("job")): t for t in study.get_trials(deepcopy=False)
+              if t.user_attrs.get("sweep_dir") == here}  # fmt: skip
+    for job in jobs:
+        trial = trials.get(job["job"])
+        if trial is not None:
+            pruned = trial.state.name == "PRUNED" and trial.last_step is not None
+            job.update(trial=trial.number, state=trial.state.name + (f" at epoch {trial.last_step}" if pruned else ""))
+
+
+OPTUNA_VIEWS = {  # file -> optuna.visualization.matplotlib function
+    "optuna_history.png": "plot_optimization_history",
+    "optuna_intermediate.png": "plot_intermediate_values",  # val/acc per epoch of every trial: where pruning cut
+    "optuna_importances.png": "plot_param_importances",
+    "optuna_parallel.png": "plot_parallel_coordinate",
+}
+
+
+def plot_study(study: Any, sweep_dir: Path) -> list[str]:
+    """Optuna's views of the whole study as PNGs in `sweep_dir`; returns the files written (a view that cannot be
+    drawn yet, e.g. importances before two trials complete, is a warning)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization import matplotlib as views
+
+    written = []
+    for name, function in OPTUNA_VIEWS.items():
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = getattr(views, function)(study)
+            fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
+            fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
+            fig.tight_layout()
+            fig.savefig(sweep_dir / name, dpi=100)
+            plt.close(fig)
+            written.append(name)
+        except Exception as e:
+            log.warning(f"No {name}: {type(e).__name__}: {e}")
+    return written
+
+
+FOLD_METRICS = ["val/acc_best", "test/acc"]
+
+
+def fold_summary(jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A k-fold multirun's jobs grouped by setting (their overrides other than `data.fold`): the folds each ran and,
+    per metric of FOLD_METRICS, (mean, sample sd, n) over the folds that have it. Empty unless `data.fold` varies."""
+    if len({j["overrides"].get("data.fold") for j in jobs}) < 2:
+        return []
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for job in jobs:
+        groups.setdefault(tuple(sorted((k, v) for k, v in job["overrides"].items() if k != "data.fold")), []).append(
+            job
+        )
+    summary = []
+    for setting, members in groups.items():
+        row: dict[str, Any] = {
+            "setting": dict(setting),
+            "folds": [j["overrides"].get("data.fold", "") for j in members],
+        }
+        for metric in FOLD_METRICS:
+            values = [j["metrics"][metric] for j in members if isinstance(j["metrics"].get(metric), (int, float))]
+            sd = statistics.stdev(values) if len(values) > 1 else float("nan")
+            row[metric] = (statistics.mean(values), sd, len(values)) if values else None
+        summary.append(row)
+    return summary
+
+
+def _mean_sd(value: tuple[float, float, int] | None) -> str:
+    return "" if value is None else f"{value[0]:.4f} ± {value[1]:.4f} (n={value[2]})"
+
+
+def fold_lines(summary: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
+    """The k-fold section of the markdown report; also writes `sweep_report_folds.csv`."""
+    keys = sorted({k for row in summary for k in row["setting"]})
+    varying = [k for k in keys if len({row["setting"].get(k) for row in summary}) > 1]
+    header = [*varying, "folds", *(f"{m} mean ± sd" for m in FOLD_METRICS)]
+    lines = ["", "## Cross-validation: mean ± sample sd over the folds", ""]
+    lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    with open(sweep_dir / "sweep_report_folds.csv", "w", newline="") as f:
+        out = csv.writer(f)
+        out.writerow([*varying, "folds", *(f"{m} {s}" for m in FOLD_METRICS for s in ("mean", "sd", "n"))])
+        for row in summary:
+            folds = ",".join(sorted(row["folds"], key=lambda v: _number(v) or 0.0))
+            cells = [row["setting"].get(k, "") for k in varying]
+            lines.append("| " + " | ".join([*cells, folds, *(_mean_sd(row[m]) for m in FOLD_METRICS)]) + " |")
+            out.writerow([*cells, folds, *(v for m in FOLD_METRICS for v in (row[m] or ("", "", 0)))])
+    return lines
+
+
 def write_report(sweep_dir: str | Path) -> Path:
-    """Write sweep_report.{md,csv,png} into `sweep_dir`; return the markdown file."""
+    """Write sweep_report.{md,csv,png} (and the Optuna views, the fold summary) into `sweep_dir`; return the .md."""
     sweep_dir = Path(sweep_dir)
     jobs = read_jobs(sweep_dir)
     if not jobs:
         raise FileNotFoundError(f"{sweep_dir}: no job dirs (*/.hydra/overrides.yaml); pass a multirun dir")
+    study = load_study(sweep_dir)
+    if study is not None:
+        attach_trials(study, sweep_dir, jobs)
     metric, direction = objective(sweep_dir, jobs)
     swept, metrics, rows = build_table(jobs, metric, direction)
-    header = ["job", *swept, *metrics]
+    header = ["job", *(["trial", "state"] if any("state" in j for j in jobs) else []), *swept, *metrics]
     with open(sweep_dir / "sweep_report.csv", "w", newline="") as f:
         csv.writer(f).writerows([header, *rows])
     plot(sweep_dir / "sweep_report.png", jobs, swept, metric)
@@ -146,12 +276,23 @@ def write_report(sweep_dir: str | Path) -> Path:
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     failed = [j["job"] for j in jobs if not j["metrics"]]
     if failed:
-        lines += ["", f"No metrics.json (failed or unfinished): jobs {', '.join(failed)}."]
+        lines += ["", f"No metrics.json (failed, pruned or unfinished): jobs {', '.join(failed)}."]
+    folds = fold_summary(jobs)
+    if folds:
+        lines += fold_lines(folds, sweep_dir)
     best_file = sweep_dir / "optimization_results.yaml"
     if best_file.is_file():
-        best = yaml.safe_load(best_file.read_text())
+        best = yaml.safe_load(best_file.read_text()) or {}
         lines += ["", f"Optuna's best parameters (`{best_file.name}`), value {best.get('best_value')}:", ""]
         lines += [f"- `{k}={v}`" for k, v in (best.get("best_params") or {}).items()]
+    if study is not None:
+        counts = {}
+        for trial in study.get_trials(deepcopy=False):
+            counts[trial.state.name] = counts.get(trial.state.name, 0) + 1
+        lines += ["", f"Study `{study.study_name}`, all {sum(counts.values())} trials of every command and worker "
+                  f"({', '.join(f'{n} {s.lower()}' for s, n in sorted(counts.items()))}); live: "
+                  f"`optuna-dashboard {best.get('storage')}`", ""]  # fmt: skip
+        lines += [f"![{name}]({name})" for name in plot_study(study, sweep_dir)]
     lines += ["", "![metric per parameter](sweep_report.png)", ""]
     report = sweep_dir / "sweep_report.md"
     report.write_text("\n".join(lines))

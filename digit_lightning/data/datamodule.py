@@ -60,6 +60,16 @@ class MNISTTensors(Dataset):
         return x, self.labels[index].long()
 
 
+def stratified_folds(labels: torch.Tensor, num_folds: int, seed: int) -> torch.Tensor:
+    """The fold (0 to `num_folds`-1) of each image: every class is dealt out evenly over the folds, in a seeded
+    random order, so each fold has the class balance of the whole set and fold sizes differ by at most one."""
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    order = order[torch.argsort(labels.cpu()[order], stable=True)]  # grouped by class, shuffled within each
+    folds = torch.empty(len(labels), dtype=torch.long)
+    folds[order] = torch.arange(len(labels)) % num_folds
+    return folds
+
+
 def keep_batch(batch: Batch) -> Batch:
     """Collate for `MNISTTensors`: `__getitems__` already returns the batched tensors."""
     return batch
@@ -68,7 +78,9 @@ def keep_batch(batch: Batch) -> Batch:
 class MNISTDataModule(L.LightningDataModule):
     """MNIST with a seeded train/val split of the training images and the official test set.
 
-    `augment` (`degrees`, `translate`, `scale`) randomly transforms each training batch.
+    `augment` (`degrees`, `translate`, `scale`) randomly transforms each training batch. With `num_folds` K,
+    the 60,000 training images are dealt into K stratified folds (seeded by `split_seed`): fold `fold` validates
+    and the other K-1 train (`val_size` is then unused). The test set is the official one either way.
     """
 
     def __init__(
@@ -79,12 +91,16 @@ class MNISTDataModule(L.LightningDataModule):
         split_seed: int = 42,
         sources: Sequence[str] = SOURCES,
         augment: dict | None = None,
+        num_folds: int | None = None,
+        fold: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
         if augment is not None and set(augment) - set(AUGMENT_NONE):
             unknown = ", ".join(sorted(set(augment) - set(AUGMENT_NONE)))
             raise DataError(f"data.augment: unknown key(s) {unknown}; the keys are {', '.join(AUGMENT_NONE)}")
+        if num_folds is not None and not 0 <= fold < num_folds:
+            raise DataError(f"data.fold={fold}: must be from 0 to {num_folds - 1} (data.num_folds={num_folds})")
         self.augment = {**AUGMENT_NONE, **augment} if augment else None
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -101,10 +117,16 @@ class MNISTDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         x, y = (t.to(device) for t in load_mnist(self.hparams.data_dir, train=True))
         self.test_set = MNISTTensors(*(t.to(device) for t in load_mnist(self.hparams.data_dir, train=False)))
-        generator = torch.Generator().manual_seed(self.hparams.split_seed)
-        train, self.val_set = random_split(MNISTTensors(x, y), [len(y) - self.hparams.val_size, self.hparams.val_size],
-                                           generator=generator)  # fmt: skip
-        self.train_set = Subset(MNISTTensors(x, y, self.augment), train.indices)
+        if self.hparams.num_folds:
+            folds = stratified_folds(y, self.hparams.num_folds, self.hparams.split_seed)
+            val = (folds == self.hparams.fold).nonzero().squeeze(1).tolist()
+            train = (folds != self.hparams.fold).nonzero().squeeze(1).tolist()
+        else:
+            generator = torch.Generator().manual_seed(self.hparams.split_seed)
+            n_val = self.hparams.val_size
+            train, val = (s.indices for s in random_split(range(len(y)), [len(y) - n_val, n_val], generator=generator))
+        self.val_set = Subset(MNISTTensors(x, y), val)
+        self.train_set = Subset(MNISTTensors(x, y, self.augment), train)
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
         # No workers: the batch is a slice of a tensor in memory, and worker processes cannot share CUDA tensors.
