@@ -157,15 +157,18 @@ def load_study(sweep_dir: Path) -> Any | None:
 
 
 def attach_trials(study: Any, sweep_dir: Path, jobs: list[dict[str, Any]]) -> None:
-    """Add each job's Optuna trial number and state (`PRUNED at epoch 1`), matched by the trial's run dir."""
+    """Add each job's Optuna trial number and state (`PRUNED at epoch 1 (0.9531)`: its last reported value),
+    matched by the sweep dir and job number the sweeper stored with the trial."""
     here = str(sweep_dir.resolve())
     trials = {str(t.user_attrs.get("job")): t for t in study.get_trials(deepcopy=False)
               if t.user_attrs.get("sweep_dir") == here}  # fmt: skip
     for job in jobs:
         trial = trials.get(job["job"])
         if trial is not None:
-            pruned = trial.state.name == "PRUNED" and trial.last_step is not None
-            job.update(trial=trial.number, state=trial.state.name + (f" at epoch {trial.last_step}" if pruned else ""))
+            state = trial.state.name
+            if state == "PRUNED" and trial.last_step is not None:
+                state += f" at epoch {trial.last_step} ({trial.intermediate_values[trial.last_step]:.4f})"
+            job.update(trial=trial.number, state=state)
 
 
 OPTUNA_VIEWS = {  # file -> optuna.visualization.matplotlib function
@@ -189,7 +192,7 @@ def plot_study(study: Any, sweep_dir: Path) -> list[str]:
     written = []
     for name, function in OPTUNA_VIEWS.items():
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), matplotlib.rc_context():  # Optuna switches the style to ggplot
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 axes = getattr(views, function)(study)
             fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
@@ -276,7 +279,7 @@ def write_report(sweep_dir: str | Path) -> Path:
     lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
     failed = [j["job"] for j in jobs if not j["metrics"]]
     if failed:
-        lines += ["", f"No metrics.json (failed, pruned or unfinished): jobs {', '.join(failed)}."]
+        lines += ["", f"No metrics.json (failed or unfinished; pruned, in an Optuna sweep): jobs {', '.join(failed)}."]
     folds = fold_summary(jobs)
     if folds:
         lines += fold_lines(folds, sweep_dir)

@@ -1,4 +1,4 @@
-"""Sweeps: the Optuna search config, the sweep report, and real multiruns (joblib, Optuna) on small slices."""
+"""Sweeps: the sweep report, and a real joblib multirun on a small slice (Optuna: test_optuna.py)."""
 
 from __future__ import annotations
 
@@ -23,17 +23,6 @@ def compose_with_hydra(*overrides: str):
     """Compose conf/train.yaml including the `hydra` node, as the CLI sees it."""
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=list(overrides), return_hydra_config=True)
-
-
-def test_optuna_search_composes():
-    cfg = compose_with_hydra("hparams_search=mnist_optuna")
-    sweeper = cfg.hydra.sweeper
-    assert sweeper._target_.endswith("OptunaSweeper") and sweeper.direction == "maximize"
-    assert sweeper.storage is None and cfg.optimized_metric == "val/acc_best"
-    assert set(sweeper.params) == {"model.optimizer.lr", "data.batch_size", "model.optimizer.weight_decay"}
-    assert "log" in sweeper.params["model.optimizer.lr"]
-    assert cfg.hydra.mode.name == "MULTIRUN" and cfg.task_name == "optuna"
-    assert cfg.hydra.callbacks.sweep_report._target_ == "digit_lightning.sweep_report.SweepReport"
 
 
 def test_joblib_launcher_composes():
@@ -74,8 +63,23 @@ def test_report_ranks_jobs_by_the_optimized_metric(tmp_path: Path):
     assert rows[1][1:4] == ["16", "0.01", "0.95"]
     text = report.read_text()
     assert "sorted by `val/acc_best` (maximize)" in text and "`trainer=cpu`" in text  # a common override
-    assert "failed or unfinished): jobs 2" in text
+    assert "failed or unfinished; pruned, in an Optuna sweep): jobs 2" in text
     assert (sweep / "sweep_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_leaves_out_a_job_with_broken_files_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    sweep = fake_sweep(
+        tmp_path / "sweep",
+        [(["seed=1"], {"val/acc_best": 0.9}), (["seed=2"], {"val/acc_best": 0.8}), (["seed=3"], {"val/acc_best": 0.7})],
+    )
+    (sweep / "1" / "metrics.json").write_text('{"val/acc_best": 0.8')  # truncated
+    (sweep / "2" / ".hydra" / "overrides.yaml").write_text("[seed=3, unclosed")
+    with caplog.at_level("WARNING"):
+        write_report(sweep)
+    assert [r[0] for r in list(csv.reader((sweep / "sweep_report.csv").open()))[1:]] == ["0"]
+    warned = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("Left out of the report: job 1: Expecting") for m in warned), warned
+    assert any(m.startswith("Left out of the report: job 2: ") for m in warned), warned
 
 
 def test_report_follows_the_sweepers_direction(tmp_path: Path):
@@ -133,20 +137,3 @@ def test_joblib_multirun_runs_jobs_in_parallel_and_reports(run_cli, tmp_path: Pa
     assert rows[0][:3] == ["job", "model.optimizer.lr", "val/acc_best"]
     assert [float(r[2]) for r in rows[1:]] == sorted((float(r[2]) for r in rows[1:]), reverse=True)
     assert (sweep / "sweep_report.png").is_file()
-
-
-@pytest.mark.slow
-def test_two_trial_optuna_sweep_saves_its_best_parameters(run_cli, tmp_path: Path):
-    sweep = tmp_path / "optuna"
-    result = run_cli(
-        "digit_lightning.train", "hparams_search=mnist_optuna", "hydra.sweeper.n_trials=2", *TINY,
-        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"model.optimizer.lr", "data.batch_size", "model.optimizer.weight_decay"}
-    values = [json.loads((sweep / job / "metrics.json").read_text())["val/acc_best"] for job in ("0", "1")]
-    assert best["best_value"] == pytest.approx(max(values))
-    rows = list(csv.reader((sweep / "sweep_report.csv").open()))
-    assert float(rows[1][rows[0].index("val/acc_best")]) == pytest.approx(max(values))
-    assert "Optuna's best parameters" in (sweep / "sweep_report.md").read_text()

@@ -14,6 +14,7 @@ outside sys.modules, where `from __future__ import annotations` breaks dataclass
 import logging
 import math
 import threading
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -185,7 +186,11 @@ class OptunaSweeper(Sweeper):
             from digit_lightning.cli import UserError
 
             raise UserError("the Optuna sweeper needs Optuna: pip install 'digit-lightning[sweeps]'") from None
-        from digit_lightning.study import open_storage, trial_id
+        from digit_lightning.study import absolute, open_storage, trial_id
+
+        # Heartbeats with ask/tell are what this sweeper is built on: Optuna's notes about them are no news here.
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        warnings.filterwarnings("ignore", "Heartbeat of storage is supposed to be used with Study.optimize")
 
         space, fixed = search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         if not space:
@@ -195,6 +200,7 @@ class OptunaSweeper(Sweeper):
         if self.n_jobs > 1 and type(self.launcher).__name__ == "BasicLauncher":
             log.warning(f"hydra.sweeper.n_jobs={self.n_jobs} with Hydra's basic launcher runs the trials one after "
                         "another; add hydra/launcher=joblib to run them at once")  # fmt: skip
+        self.storage_spec = absolute(self.storage_spec)  # valid from any directory, e.g. for the sweep report
         storage = open_storage(self.storage_spec, self.heartbeat_interval, self.retries)
         sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
         pruner = instantiate(self.pruner_cfg)
