@@ -6,12 +6,14 @@ the path of an Optuna journal file (anything without `://`, e.g. `/shared/optuna
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import optuna
 
+CREATE_ATTEMPTS = 4  # a new database's tables are created by whichever worker comes first
 SQLITE_TIMEOUT_S = 60  # how long a worker waits for another's write lock on a SQLite file before failing
 
 
@@ -22,6 +24,7 @@ def open_storage(spec: str, heartbeat_interval: int | None = None, retries: int 
     failed by the next `optuna.storages.fail_stale_trials`, and queued again up to `retries` times.
     """
     import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
 
     if "://" not in spec:
         Path(spec).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -35,9 +38,15 @@ def open_storage(spec: str, heartbeat_interval: int | None = None, retries: int 
             Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         engine_kwargs = {"connect_args": {"timeout": SQLITE_TIMEOUT_S}}
     stale = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retries) if heartbeat_interval else None
-    return optuna.storages.RDBStorage(
-        spec, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, heartbeat_stale_trial_callback=stale
-    )
+    for attempt in range(CREATE_ATTEMPTS):
+        try:
+            return optuna.storages.RDBStorage(spec, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                              heartbeat_stale_trial_callback=stale)  # fmt: skip
+        except (IntegrityError, OperationalError):  # workers started together: another one is creating the tables
+            if attempt + 1 == CREATE_ATTEMPTS:
+                raise
+            time.sleep(1 + attempt)
+    return None  # not reached: the last attempt returns or raises
 
 
 def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:

@@ -105,6 +105,29 @@ def test_pruning_callback_reports_to_a_stored_trial_and_prunes(tmp_path: Path):
                            SimpleNamespace(current_epoch=0))  # fmt: skip
 
 
+OPEN_AT = """
+import sys, time
+import optuna
+from digit_lightning.study import open_storage
+while time.time() < float(sys.argv[2]):
+    pass
+storage = open_storage(sys.argv[1], heartbeat_interval=60)
+print(optuna.create_study(storage=storage, study_name="s", load_if_exists=True).ask().number)
+"""
+
+
+@pytest.mark.slow  # seconds of imports per worker
+def test_workers_starting_together_on_a_new_database_share_it(tmp_path: Path):
+    """Without the retry in open_storage, 3 workers creating one SQLite file at once fail ("table already exists")."""
+    for round in range(2):
+        url, start = f"sqlite:///{tmp_path}/{round}.db", time.time() + 4
+        workers = [subprocess.Popen([sys.executable, "-c", OPEN_AT, url, str(start)], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True) for _ in range(3)]  # fmt: skip
+        results = [w.communicate(timeout=120) for w in workers]
+        assert all(w.returncode == 0 for w in workers), [err[-1500:] for _, err in results]
+        assert sorted(int(out) for out, _ in results) == [0, 1, 2]
+
+
 def test_report_shows_trial_states_and_optuna_views(tmp_path: Path):
     sweep = tmp_path / "sweep"
     storage = f"sqlite:///{tmp_path}/study.db"
