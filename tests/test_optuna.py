@@ -24,6 +24,7 @@ import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import instantiate
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
@@ -100,7 +101,8 @@ def test_pruning_callback_reports_to_a_stored_trial_and_prunes(tmp_path: Path):
         epoch(0.3, 1)
     stored = optuna.load_study(study_name="s", storage=storage).trials[number]
     assert stored.intermediate_values == pytest.approx({0: 0.7, 1: 0.3}) and stored.state == TrialState.RUNNING
-    idle = OptunaPruning(None, None, None)  # not in an Optuna sweep: nothing happens
+    idle = instantiate(compose_with_hydra("hparams_search=mnist_optuna").callbacks.optuna_pruning)
+    assert not idle.active  # not in a job of an Optuna sweep: nothing happens
     idle.on_validation_end(SimpleNamespace(sanity_checking=False, callback_metrics={"val/acc": torch.tensor(0.1)}),
                            SimpleNamespace(current_epoch=0))  # fmt: skip
 

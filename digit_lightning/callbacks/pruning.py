@@ -2,8 +2,8 @@
 the study's pruner says so. Needs the `sweeps` extra, so it is not imported by `digit_lightning.callbacks`.
 
 The trial is found in the study's storage by its number (the sweeper passes `hydra.sweeper.trial=<number>` to each
-job), so the callback works wherever Hydra's launcher runs the job: in the sweeper's process, a joblib worker or a
-SLURM job. conf/hparams_search/mnist_optuna.yaml configures it.
+job, and the job's Hydra config has the storage and study), so the callback works wherever Hydra's launcher runs
+the job: in the sweeper's process, a joblib worker or a SLURM job. conf/hparams_search/mnist_optuna.yaml adds it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from optuna_integration import PyTorchLightningPruningCallback
 
 from digit_lightning.study import load_trial
@@ -19,12 +21,17 @@ from digit_lightning.study import load_trial
 class OptunaPruning(PyTorchLightningPruningCallback):
     """Optuna's Lightning pruning callback, for a trial named by storage, study and number.
 
-    A pruned run raises `optuna.TrialPruned` (the sweeper records the trial as PRUNED); under DDP, the ranks stop
-    together and raise it at the end of fit. With `trial=None` (not an Optuna sweep) it does nothing.
+    Left out, `storage`, `study_name`, `trial` and `pruner` are the Optuna sweeper's (`hydra.sweeper.*`) in a job
+    it launched. A pruned run raises `optuna.TrialPruned` (the sweeper records the trial as PRUNED); under DDP, the
+    ranks stop together and raise it at the end of fit. Outside an Optuna sweep it does nothing.
     """
 
-    def __init__(self, storage: str | None, study_name: str | None, trial: int | None, pruner: Any = None,
-                 monitor: str = "val/acc") -> None:  # fmt: skip
+    def __init__(self, storage: str | None = None, study_name: str | None = None, trial: int | None = None,
+                 pruner: Any = None, monitor: str = "val/acc") -> None:  # fmt: skip
+        if trial is None and HydraConfig.initialized():
+            sweeper = HydraConfig.get().sweeper
+            storage, study_name, trial = sweeper.get("storage"), sweeper.get("study_name"), sweeper.get("trial")
+            pruner = instantiate(sweeper.pruner) if sweeper.get("pruner") else None
         self.active = trial is not None
         super().__init__(load_trial(storage, study_name, trial, pruner) if self.active else None, monitor)
 
