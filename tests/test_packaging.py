@@ -19,7 +19,10 @@ def test_wheel_ships_and_uses_its_configs(tmp_path: Path):
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     subprocess.run([*pip, "wheel", "--no-deps", "-w", str(tmp_path / "dist"), str(ROOT)], check=True)
     wheel = next((tmp_path / "dist").glob("digit_lightning-*.whl"))
-    assert "digit_lightning/conf/train.yaml" in zipfile.ZipFile(wheel).namelist()
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "digit_lightning/conf/train.yaml" in names
+    assert "hydra_plugins/digit_lightning_optuna/optuna_sweeper.py" in names  # hydra/sweeper=optuna
+    assert "hydra_plugins/__init__.py" not in names  # a namespace package, shared with other Hydra plugins
 
     site = tmp_path / "site"
     subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True)
