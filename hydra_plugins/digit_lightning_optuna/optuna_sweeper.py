@@ -31,6 +31,8 @@ from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from digit_lightning.cli import UserError
+
 log = logging.getLogger(__name__)
 
 
@@ -95,7 +97,7 @@ def distribution(override: Override) -> Any:
         if isinstance(value.start, int) and isinstance(value.end, int):
             return IntDistribution(value.start, value.end, log=log_scale)
         return FloatDistribution(float(value.start), float(value.end), log=log_scale)
-    raise ValueError(f"{override.input_line}: the Optuna sweeper takes choice(), range() and interval() sweeps")
+    raise UserError(f"{override.input_line}: the Optuna sweeper takes choice(), range() and interval() sweeps")
 
 
 def search_space(arguments: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
@@ -162,9 +164,9 @@ class OptunaSweeper(Sweeper):
                  n_trials: int, n_jobs: int, params: DictConfig | None, heartbeat_interval: int, retries: int,
                  trial: int | None = None) -> None:  # fmt: skip
         if direction not in ("maximize", "minimize"):
-            raise ValueError(f"hydra.sweeper.direction={direction}: must be maximize or minimize")
+            raise UserError(f"hydra.sweeper.direction={direction}: must be maximize or minimize")
         if n_trials < 1 or n_jobs < 1:
-            raise ValueError(f"hydra.sweeper.n_trials={n_trials}, n_jobs={n_jobs}: both must be >= 1")
+            raise UserError(f"hydra.sweeper.n_trials={n_trials}, n_jobs={n_jobs}: both must be >= 1")
         self.sampler_cfg, self.pruner_cfg = sampler, pruner
         self.direction, self.storage_spec, self.study_name = direction, storage, study_name
         self.n_trials, self.n_jobs, self.params = n_trials, n_jobs, params or {}
@@ -183,8 +185,6 @@ class OptunaSweeper(Sweeper):
         try:
             import optuna
         except ImportError:
-            from digit_lightning.cli import UserError
-
             raise UserError("the Optuna sweeper needs Optuna: pip install 'digit-lightning[sweeps]'") from None
         from digit_lightning.study import absolute, open_storage, trial_id
 
@@ -194,9 +194,8 @@ class OptunaSweeper(Sweeper):
 
         space, fixed = search_space([f"{k}={v}" for k, v in self.params.items()] + list(arguments))
         if not space:
-            raise ValueError(
-                "hydra.sweeper.params: nothing to search; give e.g. model.optimizer.lr: interval(1e-4,1e-2)"
-            )
+            raise UserError("hydra.sweeper.params: nothing to search; e.g. hydra.sweeper.params={model.optimizer.lr: "
+                            "'interval(1e-4,1e-2)'}, or a sweep on the command line")  # fmt: skip
         if self.n_jobs > 1 and type(self.launcher).__name__ == "BasicLauncher":
             log.warning(f"hydra.sweeper.n_jobs={self.n_jobs} with Hydra's basic launcher runs the trials one after "
                         "another; add hydra/launcher=joblib to run them at once")  # fmt: skip
