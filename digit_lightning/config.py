@@ -43,11 +43,13 @@ def _bool(v: Any) -> bool:
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.data_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a directory path"),
     "data.batch_size": (_int(1), "an integer >= 1"),
+    "data.eval_batch_size": (lambda v: v is None or _int(1)(v), "an integer >= 1, or null"),
     "data.val_size": (_int(1, MNIST_TRAIN_IMAGES - 1), f"an integer from 1 to {MNIST_TRAIN_IMAGES - 1}"),
     "data.split_seed": (_int(-(2**63)), "an integer"),
     "model.optimizer.lr": (_positive, "a finite number > 0"),
     "model.scheduler.max_lr": (_positive, "a finite number > 0"),
     "seed": (lambda v: v is None or _int(0, 2**32 - 1)(v), "an integer from 0 to 2**32-1, or null"),
+    "cpu_threads": (lambda v: v is None or v == "auto" or _int(1)(v), "auto, an integer >= 1, or null"),
     "train": (_bool, "true or false"),
     "test": (_bool, "true or false"),
     "extras.print_config": (_bool, "true or false"),

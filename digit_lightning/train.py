@@ -14,6 +14,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
@@ -64,6 +65,16 @@ def log_hyperparameters(loggers: list[Logger], cfg: DictConfig, metrics: list[st
                 writer.add_summary(summary)
 
 
+def set_cpu_threads(setting: int | str | None, processes: int) -> None:
+    """torch's intra-op CPU threads for this process. `auto`: one core fewer than this process's share of the
+    machine (at least 1), unless OMP_NUM_THREADS says otherwise: an op split over every core waits for the slowest
+    thread, and a core lost to anything else (the training loop's own Python, another process) stalls every op."""
+    if setting is None or (setting == "auto" and "OMP_NUM_THREADS" in os.environ):
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // max(1, processes) - 1) if setting == "auto" else int(setting))
+
+
 def train(cfg: DictConfig) -> dict[str, float]:
     """Fit (if `cfg.train`) and test (if `cfg.test`); return every logged metric as a float."""
     validate_config(cfg)
@@ -77,6 +88,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if not loggers:  # logger=none: the LR monitor would have nowhere to write (and Lightning refuses to run it)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
+    set_cpu_threads(cfg.get("cpu_threads"), trainer.num_devices)
     log_hyperparameters(trainer.loggers, cfg, [cfg.optimized_metric, "test/acc"])
 
     ckpt_path = None

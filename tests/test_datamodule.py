@@ -3,8 +3,6 @@ sharding, augmentation, the low-overhead options (compile, bf16) and the benchma
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -104,14 +102,6 @@ def test_compile_trains_and_checkpoints_keep_plain_keys(make_cfg, tmp_path: Path
     assert metrics["test/acc"] > 0.5, metrics
     state = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert "net.conv1.weight" in state and not any("_orig_mod" in k for k in state)
-
-
-def test_bench_smoke(mnist_dir: Path):
-    root = Path(__file__).resolve().parent.parent
-    result = subprocess.run([sys.executable, "bench/bench.py", "--smoke", "--data", str(mnist_dir)],
-                            cwd=root, capture_output=True, text=True, timeout=900)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "| images/s, batch 16, 320 images x 1" in result.stdout and "x |" in result.stdout
 
 
 def test_augment_keys_are_checked_and_default_to_zero(mnist_dir: Path):

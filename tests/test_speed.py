@@ -1,0 +1,100 @@
+"""The speed settings (CPU threads, evaluation batch size, compile mode, a lean start-up) and the benchmark scripts."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from digit_lightning.cli import compose_config
+from digit_lightning.data import MNISTDataModule
+from digit_lightning.module import DigitClassifier, compile_mode
+from digit_lightning.train import set_cpu_threads
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def restore_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_threads_auto_leaves_a_core_free(restore_threads, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    set_cpu_threads("auto", processes=1)
+    assert torch.get_num_threads() == max(1, cores - 1)
+    set_cpu_threads(3, processes=1)
+    assert torch.get_num_threads() == 3
+    set_cpu_threads(None, processes=1)  # null: left as it is
+    assert torch.get_num_threads() == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    set_cpu_threads("auto", processes=1)  # the user's OMP_NUM_THREADS wins over auto
+    assert torch.get_num_threads() == 3
+    assert compose_config(["paths.output_dir=/tmp/x"]).cpu_threads == "auto"
+
+
+def test_validation_and_test_batches_are_eval_batch_size(mnist_dir: Path):
+    dm = MNISTDataModule(data_dir=str(mnist_dir), batch_size=16, eval_batch_size=1000)
+    dm.setup("fit")
+    assert [len(y) for _, y in dm.val_dataloader()] == [1000] * 5
+    assert len(next(iter(dm.train_dataloader()))[1]) == 16
+    assert len(next(iter(dm.test_dataloader()))[1]) == 1000
+    assert MNISTDataModule(batch_size=16).eval_batch_size == 16  # null: the training batch size
+    assert compose_config(["paths.output_dir=/tmp/x"]).data.eval_batch_size == 1000
+
+
+def test_compile_uses_cuda_graphs_only_on_a_gpu():
+    assert compile_mode(torch.device("cuda", 0)) == "reduce-overhead"
+    assert compile_mode(torch.device("cpu")) is None
+    model = DigitClassifier(compile=True)
+    trainer = L.Trainer(accelerator="cpu", logger=False)
+    trainer.strategy.connect(model)
+    model.trainer = trainer
+    model.configure_model()  # compiling is lazy: nothing is built until the first forward
+    assert model.compile_mode is None and model.net._compiled_call_impl is not None
+    assert model.example_input_array is None  # nothing left to trace for TensorBoard's graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_compiled_net_trains_on_a_gpu_under_cuda_graphs(make_cfg):
+    from digit_lightning.train import train
+
+    limits = ["+trainer.limit_train_batches=30", "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2"]
+    metrics = train(
+        make_cfg("trainer=gpu", "model.compile=true", "trainer.max_epochs=1", "data.batch_size=64", *limits)
+    )
+    assert metrics["test/acc"] > 0.5, metrics
+
+
+def test_training_starts_without_the_model_summary_table():
+    assert compose_config(["paths.output_dir=/tmp/x"]).trainer.enable_model_summary is False
+
+
+def run_bench(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.slow
+def test_bench_smoke(mnist_dir: Path):
+    out = run_bench("bench/bench.py", "--smoke", "--data", str(mnist_dir)).stdout
+    assert "| `import` in a fresh process: `lightning, hydra, torchmetrics` vs `digit_lightning.train`" in out
+    assert "| images/s, batch 16, 320 images x 1, in one process at " in out
+    assert "| cost of logging every step" in out and " ms/step |" in out
+    assert "Measured on " in out and "cores" in out
+
+
+@pytest.mark.slow
+def test_reference_learns_on_a_slice(mnist_dir: Path):
+    out = run_bench("bench/reference.py", "--data", str(mnist_dir), "--images", "6000", "--threads", "1").stdout
+    accuracy = float(out.split("test accuracy ")[1].split(",")[0])
+    assert 0.9 < accuracy < 1.0, out  # 6,000 images of one cycle; chance is 0.1
