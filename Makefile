@@ -28,7 +28,7 @@ test: install data  ## the fast suite (a few minutes): every module, real data, 
 test-full: install data  ## everything, as CI runs it (slow tests included; SLURM tests need `make slurm-up`)
 	$(PY) -m pytest $(ARGS)
 
-bench: data  ## tutorial loop vs ours, time to 99%, data prep (a few minutes; ARGS=--quick for a shorter run)
+bench: data  ## tutorial script vs ours, plain PyTorch vs experiment=fast, import time, per-step logging cost (ARGS=--quick: a few minutes; --imports)
 	$(PY) bench/bench.py $(ARGS)
 
 lint: install
