@@ -133,7 +133,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule: L.LightningDataModule = hydra.utils.instantiate(cfg.data)
     class_metrics, member_scores = ClassMetrics(), MemberScores(members(model))
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, callbacks=[class_metrics, member_scores, Dashboards()], logger=cli.instantiate_group(cfg.get("logger"))
+        cfg.trainer,
+        callbacks=[class_metrics, member_scores, Dashboards()],
+        logger=cli.instantiate_group(cfg.get("logger")),
     )
     scores = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     result = report(str(ckpt_paths[0]), scores, class_metrics.compute())

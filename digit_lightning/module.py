@@ -176,8 +176,10 @@ class DigitClassifier(L.LightningModule):
         for config in self.trainer.lr_scheduler_configs:
             scheduler, steps = config.scheduler, int(self.trainer.estimated_stepping_batches)
             if isinstance(scheduler, OneCycleLR) and scheduler.total_steps != steps:
-                log.info(f"Re-planned the one-cycle schedule from {scheduler.total_steps} to {steps} steps "
-                         f"(trainer.max_epochs={self.trainer.max_epochs}); it continues from step {scheduler.last_epoch}")  # fmt: skip
+                log.info(
+                    f"Re-planned the one-cycle schedule from {scheduler.total_steps} to {steps} steps "
+                    f"(trainer.max_epochs={self.trainer.max_epochs}); it continues from step {scheduler.last_epoch}"
+                )
                 replan_one_cycle(scheduler, steps)
 
 

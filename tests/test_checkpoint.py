@@ -70,8 +70,19 @@ def bad_files(tmp: Path, good: Path) -> dict[str, tuple[Path, str]]:
 
 @pytest.mark.parametrize(
     "kind",
-    ["missing", "directory", "empty", "truncated", "png", "state_dict", "other_model", "other_weights", "code_target",
-     "text", "five_bytes"],
+    [
+        "missing",
+        "directory",
+        "empty",
+        "truncated",
+        "png",
+        "state_dict",
+        "other_model",
+        "other_weights",
+        "code_target",
+        "text",
+        "five_bytes",
+    ],
 )
 def test_bad_file_is_one_line_error(small_checkpoint, tmp_path: Path, kind: str):
     path, phrase = bad_files(tmp_path, small_checkpoint[0])[kind]

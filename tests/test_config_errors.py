@@ -22,7 +22,9 @@ BAD = {
     "data.val_size=60000": "data.val_size=60000: must be an integer from 1 to 59999",
     "trainer.max_epochs=-2": "trainer: `max_epochs` must be a non-negative integer or -1",  # Lightning's own check
     "data.batchsize=16": "data.batchsize: no such key; did you mean data.batch_size?",
-    "+data.batchsize=16": "data.batchsize=16: MNISTDataModule has no argument 'batchsize'; did you mean data.batch_size?",
+    "+data.batchsize=16": (
+        "data.batchsize=16: MNISTDataModule has no argument 'batchsize'; did you mean data.batch_size?"
+    ),
     "+sed=7": "sed=7: no such setting; did you mean seed?",
     "model=nope": "model=nope: no such option in group 'model'; choose from: digit",
     "=5": "'=5': an override needs a key before '='",
@@ -119,7 +121,7 @@ def test_good_edge_values_pass(override: str):
         ("+data.batchsize=16", BAD["+data.batchsize=16"]),
         ("+model.optimizer.lrr=0.1", "model.optimizer.lrr=0.1: Adam has no argument 'lrr'; did you mean "
                                      "model.optimizer.lr?"),
-        ("model.optimizer._target_=torch.optim.Adamm", "model.optimizer._target_=torch.optim.Adamm: cannot be imported"),
+        ("model.optimizer._target_=torch.optim.Adamm", "model.optimizer._target_=torch.optim.Adamm: cannot be"),
         ("+sed=7", BAD["+sed=7"]),
         ("extras.print_config=maybe", "extras.print_config=maybe: must be true or false"),
     ],

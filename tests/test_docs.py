@@ -16,7 +16,9 @@ import digit_lightning
 
 ROOT = Path(__file__).resolve().parent.parent
 CONTRIBUTING = (ROOT / "CONTRIBUTING.md").read_text()
-MODULES = sorted(m.name.removeprefix("digit_lightning.") for m in pkgutil.walk_packages(digit_lightning.__path__, "digit_lightning."))
+MODULES = sorted(
+    m.name.removeprefix("digit_lightning.") for m in pkgutil.walk_packages(digit_lightning.__path__, "digit_lightning.")
+)
 
 
 def public_objects(module) -> list[tuple[str, object]]:
@@ -92,9 +94,13 @@ def test_contributing_model_example_trains(run_cli, tmp_path: Path):
     and train it for one batch through the CLI (run from the copy's directory, so that `python -m` imports the copy)."""
     import shutil
 
-    shutil.copytree(ROOT / "digit_lightning", tmp_path / "digit_lightning", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        ROOT / "digit_lightning", tmp_path / "digit_lightning", ignore=shutil.ignore_patterns("__pycache__")
+    )
     shutil.copytree(ROOT / "conf", tmp_path / "conf")
-    (tmp_path / "digit_lightning" / "models" / "wide.py").write_text(code_block("python", "# digit_lightning/models/wide.py"))
+    (tmp_path / "digit_lightning" / "models" / "wide.py").write_text(
+        code_block("python", "# digit_lightning/models/wide.py")
+    )
     (tmp_path / "conf" / "model" / "wide.yaml").write_text(code_block("yaml", "# conf/model/wide.yaml"))
 
     result = run_cli("digit_lightning.train", "model=wide", "model.net.width=32", "debug=fdr",

@@ -14,9 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
 from omegaconf import OmegaConf
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digit_lightning import checkpoint
 from digit_lightning.checkpoint import AtomicCheckpointIO
@@ -166,7 +165,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes_into_the_same_run(mnist_dir: Pa
     assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]  # no last-v1.ckpt
 
     # Extending the finished run to 3 epochs, by its run dir: the one-cycle schedule is re-planned, and says so.
-    extended = subprocess.run([sys.executable, "-m", "digit_lightning.train", f"ckpt_path={run}", "trainer.max_epochs=3"],
+    extend = [sys.executable, "-m", "digit_lightning.train", f"ckpt_path={run}", "trainer.max_epochs=3"]
+    extended = subprocess.run(extend,
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert extended.returncode == 0, extended.stderr[-3000:]
     assert "Re-planned the one-cycle schedule from 300 to 450 steps" in (run / "train.log").read_text()

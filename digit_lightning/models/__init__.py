@@ -32,7 +32,7 @@ class ModelError(UserError):
 def _fits(value: Any, annotation: Any) -> bool:
     """Whether a plain value fits an argument annotated `int`, `float`, `bool`, `str` or a tuple of them."""
     kind = {"int": int, "float": float, "bool": bool, "str": str}.get(
-        getattr(annotation, "__name__", str(annotation)).split("|")[0].strip(), None
+        getattr(annotation, "__name__", str(annotation)).split("|")[0].strip()
     )
     if isinstance(value, (list, tuple)):
         return all(isinstance(v, PLAIN) and not isinstance(v, bool) for v in value)
