@@ -1,5 +1,5 @@
 """The DataModule's in-memory batches (the same tensors as torchvision's MNIST + ToTensor + Normalize), DDP
-sharding, augmentation, the low-overhead options (compile, bf16) and the benchmark's smoke run."""
+sharding, augmentation and the low-overhead options (compile, bf16); the benchmark's smoke run is in test_speed.py."""
 
 from __future__ import annotations
 

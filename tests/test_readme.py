@@ -110,6 +110,8 @@ def project(small_checkpoint, mnist_dir: Path, tmp_path_factory: pytest.TempPath
     other_task = root / "logs/lr_bs/runs/2026-11-27_04-10-00/checkpoints"  # for `ckpt_path=last task_name=lr_bs`
     other_task.mkdir(parents=True)
     shutil.copy(ckpt, other_task / "last.ckpt")
+    for name in ("a", "b", "c"):  # the ensemble example's members
+        shutil.copy(ckpt, root / f"{name}.ckpt")
     (root / "scans").mkdir()
     shutil.copy(ROOT / "docs/examples/two.jpg", root / "scans" / "two.jpg")
     Image.open(ROOT / "docs/examples/seven.png").convert("RGB").save(root / "my_digit.jpg")
