@@ -31,29 +31,28 @@ log = logging.getLogger(__name__)
 METRIC_ORDER = ["val/acc_best", "test/acc", "test/loss", "val/acc", "val/loss", "train/acc", "train/loss"]
 
 
-def _read_job(overrides_file: Path) -> dict[str, Any]:
-    job_dir = overrides_file.parent.parent
-    overrides = yaml.safe_load(overrides_file.read_text()) or []
-    if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
-        raise ValueError(f"{overrides_file} is not a list of key=value overrides")
-    metrics_file = job_dir / "metrics.json"
-    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
-    if not isinstance(metrics, dict):
-        raise ValueError(f"{metrics_file} is not a JSON object")
-    return {"job": job_dir.name, "overrides": dict(o.lstrip("+~").split("=", 1) for o in overrides), "metrics": metrics}
-
-
 def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """One record per job dir: its number, overrides (`key -> value` strings) and metrics (empty if it failed).
 
-    A job whose overrides.yaml or metrics.json cannot be read (broken, truncated) is left out with a warning.
+    A job whose overrides.yaml or metrics.json cannot be read (a job killed mid-write, a file edited by hand) is
+    left out with a warning: one broken job must not cost the report of the others.
     """
     jobs = []
     for overrides_file in sorted(sweep_dir.glob("*/.hydra/overrides.yaml")):
+        job_dir = overrides_file.parent.parent
+        metrics_file = job_dir / "metrics.json"
+        reading = overrides_file
         try:
-            jobs.append(_read_job(overrides_file))
-        except (OSError, ValueError, yaml.YAMLError) as e:  # json's and our errors are ValueErrors
-            log.warning(f"Left out of the report: job {overrides_file.parent.parent.name}: {' '.join(str(e).split())}")
+            overrides = dict(o.lstrip("+~").split("=", 1) for o in yaml.safe_load(overrides_file.read_text()) or [])
+            reading = metrics_file
+            metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+            if not isinstance(metrics, dict):
+                raise ValueError(f"a {type(metrics).__name__}, not a mapping of metric names to values")
+        except (OSError, yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
+            log.warning(f"Sweep report: skipping job {job_dir.name}: {reading} cannot be read "
+                        f"({' '.join(str(e).split())[:200]})")  # fmt: skip
+            continue
+        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": metrics})
     jobs.sort(key=lambda j: (not j["job"].isdigit(), int(j["job"]) if j["job"].isdigit() else j["job"]))
     return jobs
 

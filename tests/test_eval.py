@@ -47,6 +47,7 @@ def test_eval_reports_what_training_reported(small_checkpoint, mnist_dir: Path, 
 def test_eval_cli_prints_the_table_and_writes_json_in_its_run_dir(small_checkpoint, run_cli, tmp_path: Path):
     result = run_cli(
         "digit_lightning.eval", f"ckpt_path={small_checkpoint[0]}", "trainer=cpu", "+trainer.limit_test_batches=4",
+        "data.eval_batch_size=256",
         "hydra.run.dir=run", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

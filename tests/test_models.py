@@ -136,7 +136,8 @@ def test_eval_and_predict_cli_take_a_list_of_checkpoints(trained, test_images, r
     paths = [trained[name][0] for name in ("digit", "lenet5")]
     result = run_cli(
         "digit_lightning.eval", f"ckpt_path=[{paths[0]},{paths[1]}]", f"hydra.run.dir={tmp_path / 'eval'}",
-        "trainer.accelerator=cpu", "+trainer.limit_test_batches=1", "logger=none", cwd=tmp_path,
+        "trainer.accelerator=cpu", "+trainer.limit_test_batches=1", "data.eval_batch_size=256", "logger=none",
+        cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "evaluated an ensemble of 2 checkpoints" in result.stdout

