@@ -38,9 +38,17 @@ def cli(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.
                           env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
-def test_cli_rejects_each_bad_setting_in_one_line_before_touching_data(tmp_path: Path):
+# A few through the real CLI in the fast suite (each start costs seconds); every one of them with `-m slow`.
+FAST_CLI = ["data.batch_size=0", "trainer.max_epochs=-2", "+sed=7", "=5"]
+
+
+@pytest.mark.parametrize(
+    "cases", [pytest.param(FAST_CLI, id="fast"), pytest.param(list(BAD), id="all", marks=pytest.mark.slow)]
+)
+def test_cli_rejects_each_bad_setting_in_one_line_before_touching_data(tmp_path: Path, cases: list[str]):
     """One real CLI run per bad override (two at a time) plus one with HYDRA_FULL_ERROR=1."""
     data_dir = tmp_path / "data"
+    bad = {k: BAD[k] for k in cases}
 
     def run(i: int, override: str) -> subprocess.CompletedProcess:
         return cli(override, f"paths.data_dir={data_dir}", f"hydra.run.dir={tmp_path}/{i}", cwd=tmp_path)
@@ -48,13 +56,13 @@ def test_cli_rejects_each_bad_setting_in_one_line_before_touching_data(tmp_path:
     with ThreadPoolExecutor(max_workers=2) as pool:
         full = pool.submit(cli, "data.batch_size=0", f"hydra.run.dir={tmp_path}/full", cwd=tmp_path,
                            env={"HYDRA_FULL_ERROR": "1"})  # fmt: skip
-        results = dict(zip(BAD, pool.map(run, range(len(BAD)), BAD), strict=True))
+        results = dict(zip(bad, pool.map(run, range(len(bad)), bad), strict=True))
     failures = [
         f"{override}: rc={r.returncode}, stderr={r.stderr[-2000:]!r}"
         for override, r in results.items()
         if r.returncode != EXIT_USER_ERROR
         or len(r.stderr.splitlines()) != 1
-        or not r.stderr.startswith(f"error: {BAD[override]}")
+        or not r.stderr.startswith(f"error: {bad[override]}")
         or "Traceback" in r.stdout
     ]
     assert not failures, "\n".join(failures)
@@ -62,7 +70,10 @@ def test_cli_rejects_each_bad_setting_in_one_line_before_touching_data(tmp_path:
     assert full.result().returncode != 0 and "Traceback" in full.result().stderr
     assert "ConfigError: data.batch_size=0: must be an integer >= 1" in full.result().stderr
     # A failed run leaves its error in its log, not an empty run dir.
-    assert "data.batch_size=0: must be an integer >= 1" in (tmp_path / "0" / "train.log").read_text()
+    assert (
+        "data.batch_size=0: must be an integer >= 1"
+        in (tmp_path / str(cases.index("data.batch_size=0")) / "train.log").read_text()
+    )
 
 
 @pytest.mark.parametrize(
@@ -132,16 +143,19 @@ def test_more_bad_values_are_named(override: str, message: str):
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
 
 
+SLOW = pytest.mark.slow
+
+
 @pytest.mark.parametrize(
     ("entry_point", "override", "message"),
     [
-        ("eval", "nope=1", "nope: no such key"),
+        pytest.param("eval", "nope=1", "nope: no such key", marks=SLOW),
         ("eval", "data.batch_size=0", "data.batch_size=0: must be an integer >= 1"),
-        ("eval", "model=digit", "model: this command has no such config group"),
+        pytest.param("eval", "model=digit", "model: this command has no such config group", marks=SLOW),
         ("predict", "logger=csv", "logger: this command has no such config group"),
-        ("predict", "batch_size=0", "batch_size=0 must be a whole number >= 1"),
-        ("predict", "top_k=true", "top_k=True must be a whole number from 1 to 10"),
-        ("export", "opset=abc", "opset=abc must be a whole number >= 18"),
+        pytest.param("predict", "batch_size=0", "batch_size=0 must be a whole number >= 1", marks=SLOW),
+        pytest.param("predict", "top_k=true", "top_k=True must be a whole number from 1 to 10", marks=SLOW),
+        pytest.param("export", "opset=abc", "opset=abc must be a whole number >= 18", marks=SLOW),
         ("export", "opset=5", "opset=5 must be a whole number >= 18"),
     ],
 )
