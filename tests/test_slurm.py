@@ -199,3 +199,25 @@ def test_torchrun_two_cpu_ranks_share_one_run_dir(run_cli, tmp_path: Path):
     tensorboard = run / "tensorboard"
     assert not [p for p in tensorboard.iterdir() if p.is_dir()]
     assert epochs_logged(tensorboard, "val/acc", 20) == [1, 2]
+
+
+@pytest.mark.slurm
+def test_optuna_trials_run_as_slurm_jobs_of_one_stored_study(slurm_cluster, run_cli, tmp_path: Path):
+    """`hparams_search=mnist_optuna hydra/launcher=slurm` with a storage every job reaches: 2 trials, each a SLURM
+    job that reports to the study (its pruning callback finds the trial there), both COMPLETE in the study."""
+    optuna = pytest.importorskip("optuna")
+    storage, sweep = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "sweep"
+    result = run_cli(
+        "digit_lightning.train", "hparams_search=mnist_optuna", "hydra/launcher=slurm", "hydra.sweeper.n_trials=2",
+        f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=on_slurm", "logger=none", *SLICE,
+        f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = slurm_job_ids(sweep)
+    assert len(jobs) == 2 and all(final_states(job) == ["COMPLETED"] for job in jobs), jobs
+    study = optuna.load_study(study_name="on_slurm", storage=storage)
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
+    for trial in study.trials:  # val/acc of both epochs went from the SLURM job to the study
+        assert sorted(trial.intermediate_values) == [0, 1] and 0.1 < trial.value <= 1.0
+        metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
+        assert metrics["val/acc_best"] == pytest.approx(trial.value)
