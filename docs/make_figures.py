@@ -3,7 +3,8 @@
 Without `--run` it trains a short run first (1 epoch of 150 batches of 64 images on the CPU, about a minute), the
 one the README's *Evaluate* example uses. The figures are the images the run's `Dashboards` callback logged to
 TensorBoard (what `make tensorboard` shows under Images), read back from the event file:
-`samples.png` (training inputs), `confusion_matrix.png` and `misclassified.png` (validation, last epoch).
+`samples.png` (training inputs, `train_inputs/samples`), `confusion_matrix.png` and `misclassified.png` (validation,
+last epoch). The pictures of TensorBoard pages themselves come from `docs/screenshots.py`.
 """
 
 from __future__ import annotations
