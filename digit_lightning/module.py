@@ -173,15 +173,10 @@ class DigitClassifier(L.LightningModule):
         """Note the run's length; a run resumed with more epochs than it was planned for: stretch its one-cycle
         schedule to the new length."""
         self._last_step = self.trainer.estimated_stepping_batches
-        trainer = self.trainer
-        for config in trainer.lr_scheduler_configs:
-            scheduler, steps = config.scheduler, int(trainer.estimated_stepping_batches)
-            if not isinstance(scheduler, OneCycleLR):
-                continue
-            if trainer.max_epochs and trainer.max_epochs > 0:  # the steps done plus this run's remaining epochs
-                remaining = (trainer.max_epochs - trainer.current_epoch) * int(trainer.num_training_batches)
-                steps = max(steps, scheduler.last_epoch + remaining // trainer.accumulate_grad_batches)
-            if scheduler.total_steps != steps:
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler, steps = config.scheduler, int(self.trainer.estimated_stepping_batches)
+            # Only a longer run: a resume with the planned length must continue the exact schedule it had.
+            if isinstance(scheduler, OneCycleLR) and scheduler.total_steps < steps:
                 log.info(
                     f"Re-planned the one-cycle schedule from {scheduler.total_steps} to {steps} steps "
                     f"(trainer.max_epochs={self.trainer.max_epochs}); it continues from step {scheduler.last_epoch}"
