@@ -98,6 +98,14 @@ def scalars(tensorboard_dir: Path, tag: str) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in accumulator.Scalars(tag)]
 
 
+def tb_run(run: Path) -> Path:
+    """The run's one TensorBoard run dir (a sweep job's is named by its overrides, inside `tensorboard/`): all the
+    event files of the run, resumed parts included, must be in one dir."""
+    dirs = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
+    assert len(dirs) == 1, dirs
+    return dirs.pop()
+
+
 def epochs_logged(tensorboard_dir: Path, tag: str, steps_per_epoch: int) -> list[int]:
     """The epoch (from 1) of each `tag` event, from its step (an epoch's end is logged at its last step or the next)."""
     return [round(step / steps_per_epoch) for step, _ in scalars(tensorboard_dir, tag)]
@@ -122,7 +130,7 @@ def test_slurm_sweep_runs_one_job_per_setting(slurm_cluster, run_cli, tmp_path: 
         metrics = json.loads((run / "metrics.json").read_text())
         assert (metrics["epoch"], metrics["global_step"]) == (2, 40)
         assert metrics["test/acc"] > 0.5  # 40 steps of Adam learn the digits well past chance (0.1)
-        assert epochs_logged(run / "tensorboard", "val/acc", 20) == [1, 2]
+        assert epochs_logged(tb_run(run), "val/acc", 20) == [1, 2]
         assert (run / "checkpoints" / "last.ckpt").is_file()
     jobs = slurm_job_ids(sweep)
     assert len(jobs) == 2, jobs
@@ -172,8 +180,7 @@ def test_requeued_job_resumes_where_it_stopped(slurm_cluster, mnist_dir: Path, t
     assert checkpoint["global_step"] == 150
     assert not list((run / "checkpoints").glob("last-v*.ckpt"))  # the resumed run wrote last.ckpt, not last-v1.ckpt
     # One TensorBoard run: event files from both runs of the job in one dir, each epoch's validation in it once
-    tensorboard = run / "tensorboard"
-    assert not [p for p in tensorboard.iterdir() if p.is_dir()]
+    tensorboard = tb_run(run)  # one TensorBoard run
     assert len(list(tensorboard.glob("events.out.tfevents.*"))) >= 2
     assert epochs_logged(tensorboard, "val/acc", 50) == [1, 2, 3]
     assert epochs_logged(tensorboard, "train/loss", 50) == [1, 2, 3]
@@ -196,8 +203,7 @@ def test_torchrun_two_cpu_ranks_share_one_run_dir(run_cli, tmp_path: Path):
     # DistributedSampler: each rank takes its 20 batches a epoch from its own half of the training set
     assert (metrics["epoch"], metrics["global_step"]) == (2, 40)
     assert metrics["test/acc"] > 0.5
-    tensorboard = run / "tensorboard"
-    assert not [p for p in tensorboard.iterdir() if p.is_dir()]
+    tensorboard = tb_run(run)  # one TensorBoard run, not one per rank
     assert epochs_logged(tensorboard, "val/acc", 20) == [1, 2]
 
 

@@ -117,7 +117,7 @@ def test_joblib_multirun_runs_jobs_in_parallel_and_reports(run_cli, tmp_path: Pa
     for job in ("0", "1"):
         metrics = json.loads((sweep / job / "metrics.json").read_text())
         assert 0.1 < metrics["val/acc_best"] <= 1.0
-        assert list((sweep / job / "tensorboard").glob("events.out.tfevents.*"))
+        assert list((sweep / job / "tensorboard").rglob("events.out.tfevents.*"))  # in a dir named by the job
     rows = list(csv.reader((sweep / "sweep_report.csv").open()))
     assert rows[0][:3] == ["job", "model.optimizer.lr", "val/acc_best"]
     assert [float(r[2]) for r in rows[1:]] == sorted((float(r[2]) for r in rows[1:]), reverse=True)
