@@ -22,8 +22,8 @@ data: install
 train: data  ## the tutorial's settings: Digit CNN, Adam, batch 16, 10 epochs
 	$(PY) -m digit_lightning.train $(ARGS)
 
-test: install data  ## the fast suite (a few minutes): every module, real data, no notebooks/sweeps/DDP/packaging
-	$(PY) -m pytest -m "not slow" $(ARGS)
+test: install data  ## the fast suite (~3 min on 2 cores): every module, real data, no notebooks/sweeps/DDP/packaging
+	$(PY) -m pytest -m "not slow" -n auto --dist loadfile $(ARGS)
 
 test-full: install data  ## everything, as CI runs it (slow tests included; SLURM tests need `make slurm-up`)
 	$(PY) -m pytest $(ARGS)

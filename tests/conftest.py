@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from filelock import FileLock
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -66,19 +68,24 @@ def paper_photo(digit: np.ndarray, rng: np.random.Generator, side: int = 160) ->
 def small_checkpoint(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, float]]:
     """A checkpoint trained briefly on a real slice (and tested on the full test set), shared by the use-a-model tests.
 
-    Returns the best checkpoint's path and the metrics training reported for it.
+    Returns the best checkpoint's path and the metrics training reported for it. Trained once per session: the
+    workers of `pytest -n` share it through their common temp dir, under a lock.
     """
-    from digit_lightning.train import train
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    out, reported = shared / "small_checkpoint", shared / "small_checkpoint.json"
+    with FileLock(f"{out}.lock"):
+        if not reported.exists():
+            from digit_lightning.train import train
 
-    out = tmp_path_factory.mktemp("small_checkpoint")
-    overrides = [
-        f"paths.output_dir={out}", f"paths.data_dir={mnist_dir}", "trainer=cpu", "data.batch_size=64",
-        "trainer.max_epochs=1", "+trainer.limit_train_batches=150", "+trainer.limit_val_batches=10",
-        "callbacks.progress_bar=null",
-    ]  # fmt: skip
-    metrics = train(compose_config(overrides))
-    best = next((out / "checkpoints").glob("epoch_*.ckpt"))
-    return best, metrics
+            overrides = [
+                f"paths.output_dir={out}", f"paths.data_dir={mnist_dir}", "trainer=cpu", "data.batch_size=64",
+                "trainer.max_epochs=1", "+trainer.limit_train_batches=150", "+trainer.limit_val_batches=10",
+                "callbacks.progress_bar=null",
+            ]  # fmt: skip
+            reported.write_text(json.dumps(train(compose_config(overrides))))
+    return next((out / "checkpoints").glob("epoch_*.ckpt")), json.loads(reported.read_text())
 
 
 @pytest.fixture(scope="session")

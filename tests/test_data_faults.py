@@ -145,6 +145,7 @@ def test_a_preparer_killed_mid_write_leaves_nothing_that_passes_as_valid(tiny):
     assert not list(tiny["raw"].glob(TMP_PREFIX + "*"))
 
 
+@pytest.mark.slow  # real processes; tests/test_scale.py has a forked twin in the fast suite
 def test_concurrent_preparers_all_succeed_and_fetch_once(tiny):
     procs = [child(tiny["dir"], tiny["src"], delay=0.2) for _ in range(3)]
     outputs = [p.communicate(timeout=120)[0] for p in procs]

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 
 import digit_lightning
 
@@ -89,6 +91,7 @@ def code_block(language: str, first_line: str) -> str:
     raise AssertionError(f"CONTRIBUTING.md has no {language} block starting with {first_line!r}")
 
 
+@pytest.mark.slow  # a copy of the package and a CLI start
 def test_contributing_model_example_trains(run_cli, tmp_path: Path):
     """Add the *Add a model* net and its config to a copy of the package (nothing else: the module registers itself),
     and train it for one batch through the CLI (run from the copy's directory, so that `python -m` imports the copy)."""
@@ -120,12 +123,35 @@ def test_help_prints_usage_and_touches_nothing(module: str, tmp_path: Path):
     assert list(tmp_path.iterdir()) == []
 
 
+def help_text(module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> str:
+    """`python -m digit_lightning.<module> --help`, run in this process (a CLI start costs seconds)."""
+    main = importlib.import_module(f"digit_lightning.{module}").main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [f"{module}.py", "--help"])
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # cli.run sets it; monkeypatch restores it
+    try:
+        with pytest.raises(SystemExit) as exited:
+            main()
+    finally:  # Hydra's --help exits with its global state still set up; later compose() calls must not see it
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+    assert exited.value.code == 0
+    return capsys.readouterr().out
+
+
 @pytest.mark.parametrize("module", ["train", "eval", "predict", "export"])
-def test_hydra_entry_points_describe_themselves(module: str, tmp_path: Path):
+def test_hydra_entry_points_describe_themselves(module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     """`--help` says what the command does, shows only its own groups and one example, and creates nothing."""
-    result = subprocess.run([sys.executable, "-m", f"digit_lightning.{module}", "--help"], cwd=tmp_path,
+    text = help_text(module, tmp_path, monkeypatch, capsys)
+    assert text.startswith(f"python -m digit_lightning.{module}"), text
+    assert "Example" in text and f"python -m digit_lightning.{module} " in text.split("Example")[1]
+    assert ("hparams_search" in text) == (module == "train")  # training's groups only where they apply
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # the CLI twin of the in-process test above
+def test_train_help_through_the_real_cli(tmp_path: Path):
+    result = subprocess.run([sys.executable, "-m", "digit_lightning.train", "--help"], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert result.returncode == 0 and result.stdout.startswith(f"python -m digit_lightning.{module}"), result.stderr
-    assert "Example" in result.stdout and f"python -m digit_lightning.{module} " in result.stdout.split("Example")[1]
-    assert ("hparams_search" in result.stdout) == (module == "train")  # training's groups only where they apply
+    assert result.returncode == 0 and result.stdout.startswith("python -m digit_lightning.train"), result.stderr
     assert list(tmp_path.iterdir()) == []

@@ -132,6 +132,7 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(trained, test_images
         assert torch.allclose(tta(images).exp(), torch.stack(views).mean(dim=0), atol=1e-6)
 
 
+@pytest.mark.slow  # the CLI twin of an in-process test above
 def test_eval_and_predict_cli_take_a_list_of_checkpoints(trained, test_images, run_cli, tmp_path: Path, mnist_dir):
     paths = [trained[name][0] for name in ("digit", "lenet5")]
     result = run_cli(

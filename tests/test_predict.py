@@ -46,7 +46,8 @@ def test_photos_of_test_digits_are_recognized_at_the_models_accuracy(
     rng = np.random.default_rng(0)
     for i, digit in enumerate(images.numpy()):
         photo = make_photo(digit, rng, side=int(rng.integers(80, 400)))
-        photo.save(tmp_path / f"{i:03d}.{'jpg' if i % 5 == 0 else 'png'}")
+        # compress_level=1: zlib's default level makes writing these PNGs most of the test's time
+        photo.save(tmp_path / f"{i:03d}.{'jpg' if i % 5 == 0 else 'png'}", compress_level=1)
     model = load_checkpoint(small_checkpoint[0])
 
     results, errors = predict_files(model, [tmp_path])
@@ -69,8 +70,9 @@ def test_16_bit_dark_on_light_digits_are_scaled_not_clipped(small_checkpoint, te
     rng = np.random.default_rng(1)
     for i, digit in enumerate(images[:20].numpy()):
         gray = np.asarray(make_photo(digit, rng).convert("L"))  # dark ink on light paper
-        Image.fromarray(gray).save(tmp_path / f"{i:02d}_8bit.png")
-        Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / f"{i:02d}_16bit.png")  # 255 -> 65535
+        Image.fromarray(gray).save(tmp_path / f"{i:02d}_8bit.png", compress_level=1)
+        sixteen = Image.fromarray(gray.astype(np.uint16) * 257)  # 255 -> 65535
+        sixteen.save(tmp_path / f"{i:02d}_16bit.png", compress_level=1)
     assert Image.open(tmp_path / "00_16bit.png").mode == "I;16"
     for i in range(20):
         eight, sixteen = (preprocess_image(tmp_path / f"{i:02d}_{bits}.png") for bits in ("8bit", "16bit"))

@@ -57,6 +57,7 @@ def test_cli_trains_and_prints_test_metrics(run_cli, tmp_path: Path):
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
 
 
+@pytest.mark.slow  # the fast suite runs a real multirun in tests/test_readme.py
 def test_two_job_multirun_gives_each_job_its_own_run(run_cli, tmp_path: Path):
     sweep = tmp_path / "sweep"
     result = run_cli(

@@ -68,6 +68,7 @@ def test_weights_that_do_not_fit_are_refused_before_anything_is_built(small_chec
         check_resumable(tmp_path / "shape.ckpt", DigitClassifier())
 
 
+@pytest.mark.slow  # the CLI twin of an in-process test above
 def test_entry_points_on_crafted_checkpoints_run_nothing(small_checkpoint, run_cli, tmp_path: Path, make_photo):
     """predict, eval and export, each on a different gadget, as a user would run them."""
     marker = tmp_path / "marker"
@@ -123,6 +124,7 @@ def test_planted_run_dir_config_is_refused(small_checkpoint, tmp_path: Path, whe
     assert not marker.exists()
 
 
+@pytest.mark.slow  # the CLI twin of an in-process test above
 def test_training_from_a_planted_run_dir_runs_nothing(small_checkpoint, run_cli, tmp_path: Path):
     """Through the CLI: a tampered config.yaml is refused in one line; overrides.yaml is never replayed."""
     marker = tmp_path / "marker"
