@@ -29,13 +29,14 @@ log = logging.getLogger(__name__)
 
 
 def set_cpu_threads(setting: int | str | None, processes: int) -> None:
-    """torch's intra-op CPU threads for this process. `auto`: one core fewer than this process's share of the
-    machine (at least 1), unless OMP_NUM_THREADS says otherwise: an op split over every core waits for the slowest
-    thread, and a core lost to anything else (the training loop's own Python, another process) stalls every op."""
+    """torch's intra-op CPU threads for this process. `auto`: this process's share of the cores it may run on (its
+    CPU affinity, e.g. a SLURM allocation, split among the DDP processes), unless OMP_NUM_THREADS says otherwise (as
+    joblib sets it for parallel sweep jobs). More threads than free cores stalls every op on the slowest thread:
+    on a machine busy with other work, set a smaller number."""
     if setting is None or (setting == "auto" and "OMP_NUM_THREADS" in os.environ):
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(max(1, cores // max(1, processes) - 1) if setting == "auto" else int(setting))
+    torch.set_num_threads(max(1, cores // max(1, processes)) if setting == "auto" else int(setting))
 
 
 def train(cfg: DictConfig) -> dict[str, float]:

@@ -26,11 +26,13 @@ def restore_threads():
     torch.set_num_threads(before)
 
 
-def test_cpu_threads_auto_leaves_a_core_free(restore_threads, monkeypatch):
+def test_cpu_threads_auto_is_this_processs_share_of_its_cores(restore_threads, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     cores = len(os.sched_getaffinity(0))
     set_cpu_threads("auto", processes=1)
-    assert torch.get_num_threads() == max(1, cores - 1)
+    assert torch.get_num_threads() == cores
+    set_cpu_threads("auto", processes=2)  # two DDP processes on this machine
+    assert torch.get_num_threads() == max(1, cores // 2)
     set_cpu_threads(3, processes=1)
     assert torch.get_num_threads() == 3
     set_cpu_threads(None, processes=1)  # null: left as it is
