@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 def set_cpu_threads(setting: int | str | None, processes: int) -> None:
     """torch's intra-op CPU threads for this process. `auto`: this process's share of the cores it may run on (its
     CPU affinity, e.g. a SLURM allocation, split among the DDP processes), unless OMP_NUM_THREADS says otherwise (as
-    joblib sets it for parallel sweep jobs). More threads than free cores stalls every op on the slowest thread:
+    joblib sets it for parallel sweep jobs). More threads than free cores stall every op on the slowest thread:
     on a machine busy with other work, set a smaller number."""
     if setting is None or (setting == "auto" and "OMP_NUM_THREADS" in os.environ):
         return
