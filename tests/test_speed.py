@@ -13,6 +13,7 @@ import torch
 
 from digit_lightning.cli import compose_config
 from digit_lightning.data import MNISTDataModule
+from digit_lightning.models import ModelError
 from digit_lightning.module import DigitClassifier, compile_mode
 from digit_lightning.train import set_cpu_threads
 
@@ -63,6 +64,49 @@ def test_compile_uses_cuda_graphs_only_on_a_gpu():
     model.configure_model()  # compiling is lazy: nothing is built until the first forward
     assert model.compile_mode is None and model.net._compiled_call_impl is not None
     assert model.example_input_array is None  # nothing left to trace for TensorBoard's graph
+
+
+def test_channels_last_on_cpus_changes_no_value(make_cfg, tmp_path: Path):
+    """channels_last=auto trains with NHWC conv weights on a CPU (false keeps NCHW). The layout changes no value:
+    the same batch gives the same loss and gradients, and the NHWC run's checkpoint loads into a plain net."""
+    from hydra.utils import instantiate
+
+    from digit_lightning.checkpoint import load_checkpoint
+
+    layouts, models = {}, {}
+
+    class Look(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: object) -> None:
+            weight = pl_module.net.conv2.weight  # 20x10x3x3: NHWC and NCHW strides differ (unlike conv1's 1 channel)
+            nhwc, nchw = weight.is_contiguous(memory_format=torch.channels_last), weight.is_contiguous()
+            layouts[pl_module.channels_last] = "nhwc" if nhwc else "nchw" if nchw else "other"
+
+    for layout in ("auto", "false"):
+        cfg = make_cfg(f"model.channels_last={layout}", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+                       "+trainer.limit_val_batches=1")  # fmt: skip
+        model = instantiate(cfg.model)
+        trainer = instantiate(cfg.trainer, callbacks=[Look()], logger=False, default_root_dir=str(tmp_path / layout))
+        trainer.fit(model, instantiate(cfg.data))
+        models[layout] = model
+    assert layouts == {"auto": "nhwc", False: "nchw"}
+    saved = load_checkpoint(next((tmp_path / "auto" / "checkpoints").glob("*.ckpt")))  # built plain, as eval does
+    assert saved.net.conv2.weight.is_contiguous()
+    for name, value in models["auto"].net.state_dict().items():
+        assert torch.equal(value, saved.net.state_dict()[name]), name
+
+    torch.manual_seed(0)
+    plain, nhwc = DigitClassifier().net, DigitClassifier().net
+    nhwc.load_state_dict(plain.state_dict())
+    nhwc.to(memory_format=torch.channels_last)
+    x, y = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    losses = [torch.nn.functional.nll_loss(net(x), y) for net in (plain, nhwc)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    for a, b in zip(plain.parameters(), nhwc.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6)
+    with pytest.raises(ModelError, match="channels_last"):
+        DigitClassifier(channels_last="yes")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
