@@ -177,6 +177,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="interleaved runs of each side (whole commands 2, else 3)")
     parser.add_argument("--imports", action="store_true", help="only the import-time ratio (5 interleaved pairs)")
     parser.add_argument("--quick", action="store_true", help="8,000 images at batch 16; no time-to-99%% commands")
+    parser.add_argument("--whole", action="store_true", help="only the whole-command rows (no in-process rows)")
     parser.add_argument("--smoke", action="store_true", help="seconds-long, no whole commands (tests)")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -222,16 +223,17 @@ def main() -> None:
             lines.append(compare("time to 99%, whole command: bench/reference.py (plain PyTorch) vs `experiment=fast`",
                                  "fast", runs, "reference", "target: ours takes <= 1.3x"))  # fmt: skip
 
-    torch.set_num_threads(ours_threads)
-    with contextlib.redirect_stdout(sys.stderr):
-        images, repeats = (320, 1) if args.smoke else (8_000, args.repeats or 2) if args.quick else (32_000, 3)
-        rates = throughput(args.data, images, repeats)
-        t, o = statistics.median(rates["tutorial"]), statistics.median(rates["ours"])
-        lines.append(f"| images/s, batch 16, {images:,} images x {repeats}, in one process at {ours_threads} "
-                     f"thread(s) (median) | {t:,.0f} | {o:,.0f} | {o / t:.2f}x |")  # fmt: skip
-        cost = logging_cost(args.data, 50 if args.smoke else 300, 1 if args.smoke else 3)
-        lines.append(f"| cost of logging every step (`trainer.log_every_n_steps=1` vs 50), batch 16 | | "
-                     f"{cost:+.2f} ms/step | |")  # fmt: skip
+    if not args.whole:
+        torch.set_num_threads(ours_threads)
+        with contextlib.redirect_stdout(sys.stderr):
+            images, repeats = (320, 1) if args.smoke else (8_000, args.repeats or 2) if args.quick else (32_000, 3)
+            rates = throughput(args.data, images, repeats)
+            t, o = statistics.median(rates["tutorial"]), statistics.median(rates["ours"])
+            lines.append(f"| images/s, batch 16, {images:,} images x {repeats}, in one process at {ours_threads} "
+                         f"thread(s) (median) | {t:,.0f} | {o:,.0f} | {o / t:.2f}x |")  # fmt: skip
+            cost = logging_cost(args.data, 50 if args.smoke else 300, 1 if args.smoke else 3)
+            lines.append(f"| cost of logging every step (`trainer.log_every_n_steps=1` vs 50), batch 16 | | "
+                         f"{cost:+.2f} ms/step | |")  # fmt: skip
     torch.set_num_threads(threads)
 
     print(f"\nMeasured on {device}, torch {torch.__version__}; our commands use {ours_threads} CPU thread(s) "
