@@ -91,8 +91,9 @@ def table(roots: list[Path]) -> str:
         sd = f" ± {statistics.stdev(accs):.2f}" if len(accs) > 1 else " (1 seed)"
         params = count_parameters(build_net(**runs[0]["net"]))
         wall = statistics.mean(r["wall"] for r in runs)
-        lines.append(f"| {name} | {params:,} | {epochs} | {batch} | {len(runs)} | {statistics.mean(accs):.2f}%{sd} "
-                     f"| {wall:.0f} s | {device} |")  # fmt: skip
+        recipe = next((f" (`{command}`)" for n, e, b, command in PLANNED if (n, e, b) == (name, epochs, batch)), "")
+        lines.append(f"| {name}{recipe} | {params:,} | {epochs} | {batch} | {len(runs)} | "
+                     f"{statistics.mean(accs):.2f}%{sd} | {wall:.0f} s | {device} |")  # fmt: skip
     for name, epochs, batch, command in PLANNED:
         if not any(k[:3] == (name, epochs, batch) for k in groups):
             params = count_parameters(build_net(name))

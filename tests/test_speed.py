@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -144,3 +146,22 @@ def test_reference_learns_on_a_slice(mnist_dir: Path):
     out = run_bench("bench/reference.py", "--data", str(mnist_dir), "--images", "6000", "--threads", "1").stdout
     accuracy = float(out.split("test accuracy ")[1].split(",")[0])
     assert 0.9 < accuracy < 1.0, out  # 6,000 images of one cycle; chance is 0.1
+
+
+@pytest.mark.slow
+def test_model_table_is_written_from_real_runs(mnist_dir: Path, tmp_path: Path):
+    """bench/models.py trains each (model, seed) as a whole command, then tabulates the runs' metrics.json."""
+    root = tmp_path / "zoo"
+    run_bench("bench/models.py", "run", "--models", "lenet5", "--seeds", "1,2", "--epochs", "1", "--root", str(root),
+              f"paths.data_dir={mnist_dir}", "+trainer.limit_train_batches=20", "logger=none")  # fmt: skip
+    doc = tmp_path / "models.md"
+    doc.write_text("intro\n<!-- model-table:start -->\nan old table\n<!-- model-table:end -->\noutro\n")
+    run_bench("bench/models.py", "table", str(root), "--write", str(doc))
+    text = doc.read_text()
+    accs = [100 * json.loads((root / "lenet5_e1" / f"seed{seed}" / "metrics.json").read_text())["test/acc"]
+            for seed in (1, 2)]  # fmt: skip
+    row = f"| lenet5 | 61,706 | 1 | 16 | 2 | {statistics.mean(accs):.2f}% ± {statistics.stdev(accs):.2f} | "
+    assert row in text, text
+    assert "| strong (`experiment=record`) | 325,994 | 30 | 128 | – | not run here | – | GPU |" in text  # planned
+    assert text.startswith("intro\n<!-- model-table:start -->\n| model |") and text.endswith("end -->\noutro\n")
+    assert "an old table" not in text
