@@ -77,7 +77,8 @@ class DigitClassifier(L.LightningModule):
         On a GPU the mode is "reduce-overhead": CUDA graphs replay a whole forward and backward as one launch,
         which is what a small net at a small batch is bound by. On a CPU, inductor's default mode.
         """
-        device = self.trainer.strategy.root_device
+        # Lightning's load_from_checkpoint calls this too, with no trainer: then the module's own device (the CPU).
+        device = self.device if self._trainer is None else self.trainer.strategy.root_device
         if self.channels_last is True or (self.channels_last == "auto" and device.type == "cpu"):
             self.net.to(memory_format=torch.channels_last)
         if self.compile_net:
