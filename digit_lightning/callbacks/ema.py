@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
@@ -35,3 +37,10 @@ class EMA(WeightAveraging):
             # Lightning warns that a configure_model hook could shard the model; ours only compiles it in place.
             warnings.filterwarnings("ignore", ".*WeightAveraging doesn't support sharding.*")
             super().setup(trainer, pl_module, stage)
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Resuming a fit: restore the average and put the raw weights back (Lightning's behaviour). Testing or
+        validating a checkpoint: keep its `state_dict`, the average. (Lightning's callback would load the raw weights
+        whenever it still holds an average from fitting, so the test right after training would test those.)"""
+        if trainer.state.fn == TrainerFn.FITTING:
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)
