@@ -52,6 +52,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.scheduler.max_lr": (_positive, "a finite number > 0"),
     "seed": (lambda v: v is None or _int(0, 2**32 - 1)(v), "an integer from 0 to 2**32-1, or null"),
     "cpu_threads": (lambda v: v is None or v == "auto" or _int(1)(v), "auto, an integer >= 1, or null"),
+    "flush_denormal": (_bool, "true or false"),
     "train": (_bool, "true or false"),
     "test": (_bool, "true or false"),
     "extras.print_config": (_bool, "true or false"),

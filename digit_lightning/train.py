@@ -53,6 +53,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     set_cpu_threads(cfg.get("cpu_threads"), trainer.num_devices)
+    torch.set_flush_denormal(bool(cfg.get("flush_denormal", False)))
     log_hparams(trainer.loggers, cfg)
 
     ckpt_path = None

@@ -46,6 +46,37 @@ def test_cpu_threads_auto_is_this_processs_share_of_its_cores(restore_threads, m
     assert compose_config(["paths.output_dir=/tmp/x"]).cpu_threads == "auto"
 
 
+def adam_moment_after_silence() -> float:
+    """Adam's first moment of a weight that got one gradient and then 900 zero ones: 1e-3 * 0.9**900 ~ 1e-44, a
+    denormal number, unless the CPU flushes denormals to zero."""
+    weight = torch.zeros(4, requires_grad=True)
+    optimizer = torch.optim.Adam([weight], fused=True)
+    for step in range(901):
+        weight.grad = torch.full_like(weight, 1e-3 if step == 0 else 0.0)
+        optimizer.step()
+    return float(optimizer.state[weight]["exp_avg"][0])
+
+
+@pytest.fixture
+def no_flush_denormal():
+    torch.set_flush_denormal(False)  # torch's default (an earlier train() in this process may have set it)
+    yield
+    torch.set_flush_denormal(False)
+
+
+def test_flush_denormal_is_set_by_train(make_cfg, no_flush_denormal):
+    """`flush_denormal` (default true) makes a run compute numbers below 1.2e-38 as zero on the CPU, where Adam's
+    moments of silent units would otherwise decay into slow denormal arithmetic; `false` keeps IEEE denormals."""
+    from digit_lightning.train import train
+
+    assert 0.0 < adam_moment_after_silence() < 1.2e-38  # torch's default: a denormal
+    assert compose_config(["paths.output_dir=/tmp/x"]).flush_denormal is True
+    train(make_cfg("debug=fdr"))
+    assert adam_moment_after_silence() == 0.0
+    train(make_cfg("debug=fdr", "flush_denormal=false"))
+    assert adam_moment_after_silence() > 0.0
+
+
 def test_validation_and_test_batches_are_eval_batch_size(mnist_dir: Path):
     dm = MNISTDataModule(data_dir=str(mnist_dir), batch_size=16, eval_batch_size=1000)
     dm.setup("fit")
