@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -177,3 +179,42 @@ def test_sigterm_saves_a_checkpoint_that_resumes_into_the_same_run(mnist_dir: Pa
     events.Reload()
     assert [e.step for e in events.Scalars("val/acc")] == [149, 299, 449]
     assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 3
+
+
+class SigtermMidValidation(L.Callback):
+    """Sends its own process SIGTERM in the 2nd batch of epoch 1's validation, as a scheduler's requeue may."""
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.current_epoch == 1 and batch_idx == 1 and not trainer.sanity_checking:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def val_acc_events(run: Path) -> list[tuple[int, float]]:
+    (tensorboard,) = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}  # one TensorBoard run
+    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars("val/acc")]
+
+
+def test_sigterm_mid_validation_resumes_into_that_validation(mnist_dir: Path, tmp_path: Path):
+    """SIGTERM in the middle of an epoch's validation: the resumed run runs that validation again, in full (Lightning
+    counts a checkpoint saved between validation batches as validated and would skip it: no val/acc for that epoch),
+    and then goes on exactly as an uninterrupted run, the EMA's average and raw weights the right way round."""
+    overrides = ["trainer.max_epochs=3", "callbacks=ema", "callbacks.progress_bar=null"]
+    straight = run_in(tmp_path / "straight", *overrides)
+
+    run = tmp_path / "run"
+    with pytest.raises(SIGTERMException):
+        run_in(run, *overrides, "+callbacks.sigterm._target_=test_resume.SigtermMidValidation")
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert (saved["epoch"], saved["global_step"]) == (1, 60)  # epoch 1's training done, its validation cut off
+    resumed = run_in(run, *overrides, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+
+    assert [step for step, _ in val_acc_events(run)] == [29, 59, 89]  # each epoch validated once
+    assert val_acc_events(run) == val_acc_events(tmp_path / "straight")
+    for key in ("val/acc", "val/loss", "val/acc_best"):  # (train/loss: a window of steps that the resume cut short)
+        assert resumed[key] == straight[key], key
+    a, b = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=True) for r in (tmp_path / "straight", run))
+    for weights in ("state_dict", "current_model_state"):  # the EMA's average, and the raw weights trained
+        for name, tensor in a[weights].items():
+            assert torch.equal(tensor, b[weights][name]), (weights, name)

@@ -26,6 +26,7 @@ class EMA(WeightAveraging):
             raise ValueError(f"decay={decay} must be between 0 and 1")
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
         self.decay, self.start_step = decay, start_step
+        self._swapped = False  # the model holds the average (during validation)
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         """Update after every optimizer step from `start_step` on (never at epoch ends)."""
@@ -37,6 +38,26 @@ class EMA(WeightAveraging):
             # Lightning warns that a configure_model hook could shard the model; ours only compiles it in place.
             warnings.filterwarnings("ignore", ".*WeightAveraging doesn't support sharding.*")
             super().setup(trainer, pl_module, stage)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Swap the average in."""
+        super().on_validation_epoch_start(trainer, pl_module)
+        self._swapped = self._average_model is not None
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Swap the raw weights back (unless a checkpoint saved mid-validation already did)."""
+        if self._swapped:
+            super().on_validation_epoch_end(trainer, pl_module)
+            self._swapped = False
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Average as `state_dict`, raw weights as `current_model_state`, also when saved mid-validation (SIGTERM),
+        where Lightning's callback would store them the wrong way round: the resumed run would train the average."""
+        if self._swapped:
+            self._swap_models(pl_module)
+            self._swapped = False
+            checkpoint["state_dict"] = pl_module.state_dict()
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """Resuming a fit: restore the average and put the raw weights back (Lightning's behaviour). Testing or

@@ -37,6 +37,17 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+def _restart_validation(progress: dict[str, Any]) -> None:
+    """Lightning goes back into a validation only when the checkpoint was saved inside a validation batch (started,
+    not yet processed); one saved between batches, as on SIGTERM, counts as done, and the resumed run would skip
+    it: that epoch's val/acc would never be logged nor checked. Mark it as cut off in its first batch instead."""
+    done = progress["current"]["completed"]  # batches of the cut-off validation
+    for counts in (progress["total"], progress["current"]):
+        before = counts["completed"] - done
+        counts.update(ready=before + 1, started=before + 1, processed=before, completed=before)
+    progress["is_last_batch"] = False
+
+
 class ResumableRun(L.Callback):
     """Makes fit resumable: RNG states ride in every checkpoint (the data order after a resume is the same),
     and SIGTERM or Ctrl-C during fit saves `<dirpath>/last.ckpt` and prints the command that resumes it.
@@ -45,15 +56,31 @@ class ResumableRun(L.Callback):
     def __init__(self, dirpath: str | None = None) -> None:
         self.dirpath = dirpath
         self.saved: Path | None = None
+        self._validation_cut_off = False
+        self._rng_after_validation: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """The random-number generators' states, saved in every checkpoint."""
-        return {"rng": _rng_states()}
+        return {"rng": _rng_states(), "validation_cut_off": self._validation_cut_off}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the random-number generators' states from a checkpoint."""
         if "rng" in state_dict:
             _set_rng_states(state_dict["rng"])
+            if state_dict.get("validation_cut_off"):  # set them again once that validation has run again
+                self._rng_after_validation = state_dict["rng"]
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """After the validation a resume ran again: the RNG states as they were when it was cut off, which the
+        resumed run's data loader has drawn from meanwhile; the next epoch's shuffle is the uninterrupted run's."""
+        if self._rng_after_validation is not None and not trainer.sanity_checking:
+            _set_rng_states(self._rng_after_validation)
+            self._rng_after_validation = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint saved in the middle of fit's validation makes the resumed run validate again, in full."""
+        if self._validation_cut_off:
+            _restart_validation(checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"])
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """On SIGTERM or Ctrl-C during fit: save `last.ckpt` and log the command that resumes the run."""
@@ -63,7 +90,9 @@ class ResumableRun(L.Callback):
             return
         dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
         self.saved = (dirpath / LAST).resolve()
+        self._validation_cut_off = trainer.validating  # fit's validation (Lightning stops it between batches)
         trainer.save_checkpoint(self.saved)  # every rank calls it (it synchronizes); rank 0 writes
+        self._validation_cut_off = False
         what = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
         self._report(what, trainer.current_epoch, trainer.global_step)
 
