@@ -138,7 +138,7 @@ def plan(command: str) -> tuple[str, list[str] | None, str]:
     if command.startswith(("torchrun ", "sbatch ")):
         return "skip", None, "torchrun and sbatch have tests of their own (tests/test_slurm.py)"
     if "$(" in command:
-        return "skip", None, "it lists the files of an earlier (GPU) run"
+        return "skip", None, "it lists the checkpoints of an earlier long run (the record recipe)"
     if command.startswith("make "):
         return "make", shlex.split(command, comments=True)[1:], "dry run"
     tokens = shlex.split(command, comments=True)
