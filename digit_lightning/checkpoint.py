@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from digit_lightning.atomic import atomic_open
-from digit_lightning.cli import UserError
+from digit_lightning.errors import UserError
 from digit_lightning.module import DigitClassifier
 
 

@@ -1,9 +1,7 @@
-"""What every entry point shares: where the configs are, one error path, a quiet console.
+"""The layer just under the entry points: composing configs, one error path, a quiet console.
 
-Exit codes, the same for every `python -m digit_lightning.<name>`:
-  0 done; 1 done, but some inputs failed (predict: files it could not read); 2 a user error, printed as one
-  `error: ...` line that names the problem and the fix; 143 stopped by SIGTERM after saving a checkpoint.
-`HYDRA_FULL_ERROR=1` shows the full traceback instead of the one line.
+Every user error, Hydra's included, becomes one `error: ...` line and exit status 2 (digit_lightning.errors has the
+codes). `HYDRA_FULL_ERROR=1` shows the full traceback instead of the one line.
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from hydra import compose, initialize_config_dir
@@ -23,18 +20,10 @@ from hydra.errors import HydraException, InstantiationException, MissingConfigEx
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from digit_lightning import resolvers  # noqa: F401  (registers the resolvers conf/hydra/default.yaml uses)
+from digit_lightning import CONFIG_DIR, resolvers  # noqa: F401  (resolvers: registers those conf/hydra uses)
+from digit_lightning.errors import EXIT_SIGTERM, EXIT_SOME_FAILED, EXIT_USER_ERROR, UserError  # noqa: F401
 
-# A wheel ships the configs inside the package; a source checkout keeps them at the top level.
-_PACKAGED = Path(__file__).resolve().parent / "conf"
-CONFIG_DIR = str(_PACKAGED if _PACKAGED.is_dir() else _PACKAGED.parent.parent / "conf")
-EXIT_SOME_FAILED, EXIT_USER_ERROR, EXIT_SIGTERM = 1, 2, 143
 SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"  # read before run() sets it for its own use
-
-
-class UserError(Exception):
-    """A problem the user can fix from the message alone: one line naming it and the fix. Every entry point
-    prints it as `error: <message>` and exits with status 2."""
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:

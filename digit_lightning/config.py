@@ -18,7 +18,8 @@ from typing import Any
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
-from digit_lightning.cli import CONFIG_DIR, UserError
+from digit_lightning import CONFIG_DIR
+from digit_lightning.errors import UserError
 
 MNIST_TRAIN_IMAGES = 60_000  # data.val_size is carved out of these
 

@@ -17,6 +17,8 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
+from digit_lightning import runs
+
 
 def process_start(pid: int) -> datetime | None:
     """When process `pid` started (Linux /proc), or None where that cannot be read."""
@@ -50,19 +52,5 @@ OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True, repl
 OmegaConf.register_new_resolver("rank_zero_only", rank_zero_only, replace=True)
 
 
-def resume_dir(ckpt_path: str | None, log_dir: str, new_dir: str) -> str:
-    """`hydra.run.dir`: see `digit_lightning.runs.resume_dir` (imported on use: runs imports the CLI module)."""
-    from digit_lightning.runs import resume_dir
-
-    return resume_dir(ckpt_path, log_dir, new_dir)
-
-
-def resume_subdir(ckpt_path: str | None, log_dir: str) -> str:
-    """`hydra.output_subdir`: see `digit_lightning.runs.resume_subdir`."""
-    from digit_lightning.runs import resume_subdir
-
-    return resume_subdir(ckpt_path, log_dir)
-
-
-OmegaConf.register_new_resolver("resume_dir", resume_dir, replace=True)
-OmegaConf.register_new_resolver("resume_subdir", resume_subdir, replace=True)
+OmegaConf.register_new_resolver("resume_dir", runs.resume_dir, replace=True)
+OmegaConf.register_new_resolver("resume_subdir", runs.resume_subdir, replace=True)

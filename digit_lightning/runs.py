@@ -17,8 +17,9 @@ import yaml
 from filelock import FileLock, Timeout
 from omegaconf import DictConfig, OmegaConf
 
+from digit_lightning import CONFIG_DIR
 from digit_lightning.atomic import TMP_PREFIX
-from digit_lightning.cli import CONFIG_DIR, UserError
+from digit_lightning.errors import UserError
 
 LAST = "last.ckpt"
 # Keys whose change would not take effect on a resumed run (the checkpoint's optimizer state and data split win).

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 
-from digit_lightning.cli import UserError
+from digit_lightning.errors import UserError
 
 
 class NonFiniteLossError(UserError):

@@ -22,7 +22,7 @@ import torch
 from filelock import FileLock
 
 from digit_lightning.atomic import TMP_PREFIX, atomic_open
-from digit_lightning.cli import UserError
+from digit_lightning.errors import UserError
 
 # The four canonical raw files and their md5: whatever the source, these bytes and no others.
 RAW_FILES: dict[str, str] = {

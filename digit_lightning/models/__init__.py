@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from digit_lightning.cli import UserError
+from digit_lightning.errors import UserError
 from digit_lightning.models.registry import MODELS, register
 
 for _module in pkgutil.iter_modules(__path__):  # each net module registers its class(es) when imported

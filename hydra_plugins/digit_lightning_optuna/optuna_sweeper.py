@@ -7,7 +7,13 @@ trial states. Each batch of `n_jobs` trials is asked from the study, launched th
 workers of one study, and a trial interrupted with its process is failed and queued again on the next start.
 Each job gets `hydra.sweeper.trial=<number>`, by which digit_lightning.callbacks.pruning finds its trial.
 
-Hydra imports every plugin at start-up, so Optuna is imported only when a sweep runs. (Hydra imports plugins
+Its settings keep the names of the upstream hydra-optuna-sweeper (sampler, direction, storage, study_name, n_trials,
+n_jobs, params) and add pruner, heartbeat_interval, retries. It exists because hydra-optuna-sweeper 1.3.0, the newest
+release, pins optuna<3; an upstream release on Optuna >= 4 with pruning would let this plugin be deleted.
+
+Hydra imports every plugin at start-up, in every Hydra app of the environment, so discovering this one imports
+neither Optuna nor digit_lightning and registers no resolvers (tests/test_layout.py); both come when a sweep runs.
+(Hydra imports plugins
 outside sys.modules, where `from __future__ import annotations` breaks dataclasses: none here.)
 """
 
@@ -26,14 +32,18 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import IntervalSweep, Override, RangeSweep, Transformer
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobReturn, JobStatus
+from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from digit_lightning.cli import UserError
-
 log = logging.getLogger(__name__)
+
+
+class UserError(HydraException):
+    """A sweep setting the user can fix; the entry point prints it as one `error:` line (a Hydra error, so that
+    discovering this plugin imports nothing of digit_lightning)."""
 
 
 @dataclass
