@@ -13,8 +13,8 @@ release, pins optuna<3; an upstream release on Optuna >= 4 with pruning would le
 
 Hydra imports every plugin at start-up, in every Hydra app of the environment, so discovering this one imports
 neither Optuna nor digit_lightning and registers no resolvers (tests/test_layout.py); both come when a sweep runs.
-(Hydra imports plugins
-outside sys.modules, where `from __future__ import annotations` breaks dataclasses: none here.)
+(Hydra imports plugins outside sys.modules, where `from __future__ import annotations` breaks dataclasses: none
+here.)
 """
 
 import logging
