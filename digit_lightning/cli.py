@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import hydra
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig
@@ -145,6 +146,19 @@ def route_lightning_logs() -> None:
         logging.getLogger(name).propagate = True
     for handler in root.handlers:
         handler.addFilter(NoTips())
+
+
+def answer_help(module: str, config_name: str) -> None:
+    """Answer `--help` and `--hydra-help` of a Hydra entry point, then exit, when `module` (the caller's `__name__`)
+    runs as the command (`python -m digit_lightning.<name>` or the `digit-<name>` script). The entry points call it
+    above their imports of torch and Lightning, which take seconds and which the help text does not need."""
+    command = f"digit-{config_name}"
+    if module != "__main__" and Path(sys.argv[0]).name != command:
+        return
+    if not {"-h", "--help", "--hydra-help"} & set(sys.argv[1:]):
+        return
+    run(hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)(lambda cfg: None))
+    sys.exit(0)  # Hydra exits after printing help; a call that printed nothing must not go on to import torch
 
 
 def run(hydra_main: Callable[[], Any]) -> None:

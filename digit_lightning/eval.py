@@ -9,6 +9,10 @@ recall and F1, and the confusion matrix: as a table, as JSON in the run director
 
 from __future__ import annotations
 
+from digit_lightning import cli
+
+cli.answer_help(__name__, "eval")  # before torch and Lightning: help needs neither
+
 import json
 import logging
 from pathlib import Path
@@ -28,7 +32,6 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
-from digit_lightning import cli
 from digit_lightning.callbacks.dashboards import Dashboards
 from digit_lightning.config import validate_config
 from digit_lightning.ensemble import MemberScores, checkpoint_paths, ensemble_report, load_model, members, print_members

@@ -8,6 +8,10 @@ return Nx10 log-probabilities; a list of checkpoints (`'ckpt_path=[a.ckpt,b.ckpt
 
 from __future__ import annotations
 
+from digit_lightning import cli
+
+cli.answer_help(__name__, "export")  # before torch and Lightning: help needs neither
+
 import io
 import warnings
 from contextlib import redirect_stdout
@@ -19,7 +23,6 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from digit_lightning import cli
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 from digit_lightning.ensemble import checkpoint_paths, load_model
 

@@ -8,6 +8,10 @@ read or holds no ink is one line on stderr; the others are still predicted; the 
 
 from __future__ import annotations
 
+from digit_lightning import cli
+
+cli.answer_help(__name__, "predict")  # before torch and Lightning: help needs neither
+
 import csv
 import io
 import json
@@ -22,7 +26,6 @@ from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.table import Table
 
-from digit_lightning import cli
 from digit_lightning.data.preprocess import IMAGE_SUFFIXES, PreprocessError, find_images, preprocess_image
 from digit_lightning.ensemble import checkpoint_paths, load_model
 

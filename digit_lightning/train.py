@@ -5,6 +5,10 @@ Hydra composes conf/train.yaml; `-m` runs a sweep, one run dir per job; `ckpt_pa
 
 from __future__ import annotations
 
+from digit_lightning import cli
+
+cli.answer_help(__name__, "train")  # before torch and Lightning: help needs neither
+
 import json
 import logging
 import os
@@ -19,7 +23,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from digit_lightning import cli, runs
+from digit_lightning import runs
 from digit_lightning.atomic import atomic_open
 from digit_lightning.checkpoint import check_resumable
 from digit_lightning.config import validate_config

@@ -149,6 +149,43 @@ def test_hydra_entry_points_describe_themselves(module: str, tmp_path: Path, mon
     assert list(tmp_path.iterdir()) == []
 
 
+HEAVY = ("torch", "lightning")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        *(
+            ["-m", f"digit_lightning.{m}", "--help"]
+            for m in ("train", "eval", "predict", "export", "data", "sweep_report")
+        ),
+        ["-m", "digit_lightning.train", "--hydra-help"],
+        # what the `digit-eval` console script runs: `from digit_lightning.eval import main`, with argv[0] its name
+        ["-c", "import sys; sys.argv = ['digit-eval', '--help']; from digit_lightning.eval import main; main()"],
+    ],
+    ids=lambda c: c[-1] if c[0] == "-m" else "digit-eval script",
+)
+def test_help_answers_before_importing_torch_or_lightning(command: list[str], tmp_path: Path):
+    """`--help` is text: it must not wait seconds for torch and Lightning to import (`-X importtime` lists every
+    module a process imports, on stderr)."""
+    result = subprocess.run([sys.executable, "-X", "importtime", *command], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "python -m digit_lightning." in result.stdout.splitlines()[0] or "Hydra" in result.stdout, result.stdout
+    imported = {
+        line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert imported and not imported & set(HEAVY), sorted(imported & set(HEAVY))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_guard_leaves_a_library_import_alone():
+    """Importing an entry module from a program whose own arguments include --help imports it, help unanswered."""
+    code = "import sys; sys.argv = ['mine.py', '--help']; import digit_lightning.eval as e; print(e.ClassMetrics)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("<class"), result.stdout + result.stderr[-2000:]
+
+
 @pytest.mark.slow  # the CLI twin of the in-process test above
 def test_train_help_through_the_real_cli(tmp_path: Path):
     result = subprocess.run([sys.executable, "-m", "digit_lightning.train", "--help"], cwd=tmp_path,

