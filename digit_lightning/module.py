@@ -180,31 +180,25 @@ class DigitClassifier(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_train_start(self) -> None:
-        """Note the run's length; a run resumed with more epochs than it was planned for: stretch its one-cycle
-        schedule to the new length."""
+        """Note the run's length; a run resumed with more epochs than it was planned for: re-plan its one-cycle
+        schedule over the new length, from the step it reached."""
         self._last_step = self.trainer.estimated_stepping_batches
+        steps = int(self.trainer.estimated_stepping_batches)
         for config in self.trainer.lr_scheduler_configs:
-            scheduler, steps = config.scheduler, int(self.trainer.estimated_stepping_batches)
+            scheduler = config.scheduler
             # Only a longer run: a resume with the planned length must continue the exact schedule it had.
             if isinstance(scheduler, OneCycleLR) and scheduler.total_steps < steps:
                 log.info(
                     f"Re-planned the one-cycle schedule from {scheduler.total_steps} to {steps} steps "
                     f"(trainer.max_epochs={self.trainer.max_epochs}); it continues from step {scheduler.last_epoch}"
                 )
-                replan_one_cycle(scheduler, steps)
+                # The configured schedule, built for the new length as if resumed at this step (torch's public
+                # `last_epoch` argument: the optimizer keeps its restored state, the lr is the new plan's).
+                config.scheduler = self.scheduler_factory(
+                    optimizer=scheduler.optimizer, total_steps=steps, last_epoch=scheduler.last_epoch - 1
+                )
 
 
 def compile_mode(device: torch.device) -> str | None:
     """torch.compile's mode for a net trained on `device`: CUDA graphs on a GPU, the default elsewhere."""
     return "reduce-overhead" if device.type == "cuda" else None
-
-
-def replan_one_cycle(scheduler: OneCycleLR, total_steps: int) -> None:
-    """Give a OneCycleLR a new length, as if it had been created with `total_steps` (torch computes the phase ends
-    from it once, in __init__)."""
-    fresh = OneCycleLR(torch.optim.SGD([torch.zeros(1)], lr=1.0), max_lr=1.0, total_steps=total_steps,
-                       pct_start=(scheduler._schedule_phases[0]["end_step"] + 1) / scheduler.total_steps,
-                       three_phase=len(scheduler._schedule_phases) == 3)  # fmt: skip
-    for phase, new in zip(scheduler._schedule_phases, fresh._schedule_phases, strict=True):
-        phase["end_step"] = new["end_step"]
-    scheduler.total_steps = total_steps

@@ -10,6 +10,8 @@ from lightning.pytorch.callbacks import WeightAveraging
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from digit_lightning.lightning_compat import holds_average, swap_weights
+
 
 class EMA(WeightAveraging):
     """Lightning's `WeightAveraging` with torch's fused EMA update: after each optimizer step from `start_step` on,
@@ -42,7 +44,7 @@ class EMA(WeightAveraging):
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Swap the average in."""
         super().on_validation_epoch_start(trainer, pl_module)
-        self._swapped = self._average_model is not None
+        self._swapped = holds_average(self)
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Swap the raw weights back (unless a checkpoint saved mid-validation already did)."""
@@ -54,7 +56,7 @@ class EMA(WeightAveraging):
         """Average as `state_dict`, raw weights as `current_model_state`, also when saved mid-validation (SIGTERM),
         where Lightning's callback would store them the wrong way round: the resumed run would train the average."""
         if self._swapped:
-            self._swap_models(pl_module)
+            swap_weights(self, pl_module)
             self._swapped = False
             checkpoint["state_dict"] = pl_module.state_dict()
         super().on_save_checkpoint(trainer, pl_module, checkpoint)

@@ -14,6 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from digit_lightning.lightning_compat import restart_validation
 from digit_lightning.runs import LAST, resume_command
 
 log = logging.getLogger(__name__)
@@ -35,17 +36,6 @@ def _set_rng_states(states: dict[str, Any]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
     version, internal, gauss_next = states["python"]
     random.setstate((version, tuple(internal), gauss_next))
-
-
-def _restart_validation(progress: dict[str, Any]) -> None:
-    """Lightning goes back into a validation only when the checkpoint was saved inside a validation batch (started,
-    not yet processed); one saved between batches, as on SIGTERM, counts as done, and the resumed run would skip
-    it: that epoch's val/acc would never be logged nor checked. Mark it as cut off in its first batch instead."""
-    done = progress["current"]["completed"]  # batches of the cut-off validation
-    for counts in (progress["total"], progress["current"]):
-        before = counts["completed"] - done
-        counts.update(ready=before + 1, started=before + 1, processed=before, completed=before)
-    progress["is_last_batch"] = False
 
 
 class ResumableRun(L.Callback):
@@ -80,7 +70,7 @@ class ResumableRun(L.Callback):
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
         """A checkpoint saved in the middle of fit's validation makes the resumed run validate again, in full."""
         if self._validation_cut_off:
-            _restart_validation(checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"])
+            restart_validation(checkpoint)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """On SIGTERM or Ctrl-C during fit: save `last.ckpt` and log the command that resumes the run."""

@@ -281,7 +281,10 @@ class OptunaSweeper(Sweeper):
                 return None
             error: BaseException = ValueError(f"trial {trial.number} returned {value!r}, not a finite number")
         else:
-            error = ret._return_value  # the exception the job raised (`ret.return_value` would re-raise it)
+            try:
+                error = ValueError(f"trial {trial.number} returned {ret.return_value!r}")  # re-raises the job's error
+            except BaseException as raised:  # noqa: BLE001  (whatever the job raised is the trial's outcome)
+                error = raised
         if isinstance(error, optuna.TrialPruned):
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             log.info(f"Trial {trial.number} pruned: {error}")
