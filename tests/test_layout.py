@@ -4,6 +4,7 @@ plugin, which Hydra imports in every app of the environment, imports nothing of 
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,21 @@ def test_discovering_the_optuna_plugin_imports_nothing_of_the_package():
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+PRIVATE = re.compile(r"(?<![\w.])(?!self\.|cls\.)([A-Za-z_][\w\]\)]*(?:\.[A-Za-z]\w*)*)\._[a-z]\w*(?<!_)\b")
+
+
+def private_uses(text: str) -> list[str]:
+    """`obj._name` accesses on objects other than self/cls (Hydra's `_target_`-style keys end in `_`: not private)."""
+    return [m.group(0) for m in PRIVATE.finditer(text)]
+
+
+def test_private_attributes_of_other_libraries_only_in_the_compat_module():
+    assert private_uses("x = scheduler._schedule_phases[0]; self._mine; cfg._target_") == ["scheduler._schedule_phases"]
+    found = {
+        str(path.relative_to(ROOT)): uses
+        for path in [*PACKAGE.rglob("*.py"), *(ROOT / "hydra_plugins").rglob("*.py")]
+        if path.name != "lightning_compat.py" and (uses := private_uses(path.read_text()))
+    }
+    assert not found, f"private attributes outside digit_lightning/lightning_compat.py: {found}"
