@@ -7,7 +7,9 @@ read from a file is ever instantiated. The weights must fit that net before anyt
 
 from __future__ import annotations
 
+import os
 import pickle
+import stat
 import warnings
 from pathlib import Path
 from typing import Any
@@ -106,11 +108,38 @@ def check_resumable(path: str | Path, model: DigitClassifier) -> None:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """`torch.save` to a temp file in the checkpoint's directory, fsync, then rename it into place.
+    """`torch.save` to a temp file in the checkpoint's directory, fsync, then rename it into place; loads only what
+    `hand_over` prepared (digit_lightning/resume.py) or, else, a local file read with `weights_only=True`; removes
+    only regular files.
 
     Lightning's own save goes through an fsspec transaction whose temp file lives in the system temp dir; across
-    filesystems its final move is a copy, and a kill during it leaves a truncated `last.ckpt`.
+    filesystems its final move is a copy, and a kill during it leaves a truncated `last.ckpt`. Its own load and remove
+    follow any fsspec URL (a download, a recursive delete).
     """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.prepared: dict[str, dict[str, Any]] = {}
+
+    def hand_over(self, path: str, checkpoint: dict[str, Any]) -> None:
+        """Make the next `load_checkpoint(path)` return `checkpoint` (a rebuilt, validated one) instead of the file."""
+        self.prepared[str(path)] = checkpoint
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """The checkpoint handed over for `path`, else the local file `path` read with `weights_only=True`."""
+        if str(path) in self.prepared:
+            return self.prepared.pop(str(path))
+        return read_checkpoint(path)
+
+    def remove_checkpoint(self, path: Any) -> None:
+        """Delete the checkpoint file `path`: a regular file or a link (never what it points to), never a directory."""
+        path = Path(str(path))
+        try:
+            mode = os.lstat(path).st_mode
+        except OSError:
+            return
+        if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+            path.unlink(missing_ok=True)
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         """Write to a temp file beside `path`, then rename it into place (remote paths: Lightning's own way)."""

@@ -23,9 +23,8 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from digit_lightning import runs
+from digit_lightning import resume, runs
 from digit_lightning.atomic import atomic_open
-from digit_lightning.checkpoint import check_resumable
 from digit_lightning.config import validate_config
 from digit_lightning.tensorboard import log_hparams  # also registers ${sweep_job_name:} (conf/logger)
 
@@ -63,18 +62,21 @@ def train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = None
     if cfg.get("ckpt_path"):
         ckpt_path = runs.find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
-        check_resumable(ckpt_path, model)  # its weights must fit before Lightning restores anything
         log.info(f"Resuming from {ckpt_path}")
     elif ckpt_path := runs.requeued_checkpoint(cfg.paths.output_dir):
         log.info(f"SLURM requeued this job: resuming from {ckpt_path}")
+    if ckpt_path is not None:  # Lightning gets a checkpoint rebuilt from the file's validated pieces, not the file
+        ckpt_path = resume.hand_over(trainer, ckpt_path, resume.for_fit(ckpt_path, model, trainer))
     if cfg.get("train"):
         log.info(summary(cfg))
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
     if cfg.get("test"):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        if not best:
+        best = resume.tested_checkpoint(trainer)
+        if best:
+            resume.hand_over(trainer, best, resume.for_test(best, model))
+        else:
             log.warning("No best checkpoint was saved; testing the current weights.")
         trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +19,7 @@ from digit_lightning.checkpoint import CheckpointError, check_resumable, load_ch
 from digit_lightning.cli import EXIT_USER_ERROR, compose_config
 from digit_lightning.module import DigitClassifier
 from digit_lightning.runs import ResumeError, saved_config
+from digit_lightning.train import train
 
 TOUCH = "digit_lightning.data.mnist.Path.touch"  # reachable through a module attribute: the old allow-list's hole
 WRITE = "digit_lightning.data.mnist.Path.write_text"
@@ -148,3 +152,124 @@ def test_training_from_a_planted_run_dir_runs_nothing(small_checkpoint, run_cli,
     result = run_cli("digit_lightning.train", f"ckpt_path={replay}", "trainer.max_epochs=2", cwd=tmp_path / "b")
     assert result.returncode == 0, result.stderr[-3000:]
     assert not marker.exists()
+
+
+# --- Resume rebuilds, never replays: the parts of a checkpoint Lightning restores are checked first (issue 25) ---
+
+RESUME = ["+trainer.limit_train_batches=20", "+trainer.limit_val_batches=5", "+trainer.limit_test_batches=5",
+          "callbacks.progress_bar=null", "logger=none"]  # fmt: skip
+
+
+class Evil:
+    """A pickle that runs a shell command when loaded without weights_only."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def base_run(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The issue's setup: a finished one-epoch run of 20 batches (in process; its checkpoints dir is what counts)."""
+    out = tmp_path_factory.mktemp("base")
+    train(compose_config([f"paths.output_dir={out}", f"paths.data_dir={mnist_dir}", "trainer=cpu",
+                          "trainer.max_epochs=1", *RESUME]))  # fmt: skip
+    return out
+
+
+def copied_run(base_run: Path, tmp_path: Path, edit) -> Path:
+    """A copy of a finished run's checkpoints dir whose last.ckpt `edit(checkpoint, mc_state, run)` tampered with."""
+    run = tmp_path / "run"
+    shutil.copytree(base_run / "checkpoints", run / "checkpoints")
+    path = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    mc = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    edit(checkpoint, mc, run)
+    torch.save(checkpoint, path)
+    return run
+
+
+def test_a_url_as_best_model_path_is_never_fetched(base_run, make_cfg, tmp_path: Path):
+    """Reproducer 1: MC.best_model_path = a served pickle; Lightning's test(ckpt_path=best) would unpickle it."""
+    marker = tmp_path / "PWNED"
+    served = tmp_path / "www"
+    served.mkdir()
+    torch.save({"x": Evil(marker)}, served / "evil.ckpt")
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"], cwd=served,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        port = int(server.stdout.readline().split(" port ")[1].split()[0])
+        url = f"http://127.0.0.1:{port}/evil.ckpt"
+
+        def edit(checkpoint: dict, mc: dict, run: Path) -> None:
+            mc.update(best_model_path=url, dirpath=str(run / "checkpoints"), best_model_score=torch.tensor(0.0))
+
+        run = copied_run(base_run, tmp_path, edit)
+        for epochs in (1, 2):  # a finished run (nothing to fit), then one more epoch
+            cfg = make_cfg(f"paths.output_dir={run}", f"ckpt_path={run}/checkpoints/last.ckpt",
+                           f"trainer.max_epochs={epochs}", *RESUME)  # fmt: skip
+            metrics = train(cfg)
+            assert "test/acc" in metrics and not marker.exists()
+    finally:
+        server.terminate()
+        server.wait()
+    assert not marker.exists()
+
+
+def test_recorded_checkpoint_paths_outside_the_run_are_never_deleted(base_run, make_cfg, tmp_path: Path):
+    """Reproducer 2: ModelCheckpoint removes the files it believes it wrote; a crafted state names a victim."""
+    victim_dir, victim_file = tmp_path / "VICTIM_dir", tmp_path / "VICTIM_file"
+    victim_dir.mkdir()
+    (victim_dir / "precious").write_text("keep")
+    victim_file.write_text("keep")
+
+    def edit(checkpoint: dict, mc: dict, run: Path) -> None:
+        escape = f"{run}/checkpoints/../../{{}}"
+        mc.update(dirpath=str(run / "checkpoints"), last_model_path=escape.format("VICTIM_dir"),
+                  best_k_models={escape.format("VICTIM_file"): torch.tensor(0.0)},
+                  kth_best_model_path=escape.format("VICTIM_file"), best_model_path=str(victim_file))  # fmt: skip
+
+    run = copied_run(base_run, tmp_path, edit)
+    cfg = make_cfg(f"paths.output_dir={run}", f"ckpt_path={run}", "trainer.max_epochs=2", *RESUME)
+    train(cfg)
+    assert (victim_dir / "precious").read_text() == "keep" and victim_file.read_text() == "keep"
+    assert (run / "checkpoints" / "epoch_001.ckpt").is_file()  # the run went on, and saved its own
+
+
+def test_a_copied_last_ckpt_tests_a_checkpoint_of_its_own_run(base_run, make_cfg, tmp_path: Path, caplog):
+    """Reproducer 6: a copy of last.ckpt resumed elsewhere names the original run's best file, which must not be
+    tested; and the net it names must be this run's net."""
+    copy = tmp_path / "elsewhere" / "last.ckpt"
+    copy.parent.mkdir()
+    shutil.copy(base_run / "checkpoints" / "last.ckpt", copy)
+    out = tmp_path / "new_run"
+    train(make_cfg(f"paths.output_dir={out}", f"ckpt_path={copy}", "trainer.max_epochs=1", *RESUME))
+    restored = [r.getMessage() for r in caplog.records if "Restoring states" in r.getMessage()]
+    assert restored and all(str(base_run) not in m for m in restored), restored
+
+    checkpoint = torch.load(copy, weights_only=True)
+    checkpoint["hyper_parameters"]["net"] = {"name": "lenet5"}
+    torch.save(checkpoint, copy)
+    with pytest.raises(CheckpointError, match=r"a checkpoint of the net \{'name': 'lenet5'\}, but this run's model"):
+        train(make_cfg(f"paths.output_dir={out}", f"ckpt_path={copy}", *RESUME))
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (lambda c: c["optimizer_states"][0]["param_groups"][0].update(lr="evil"), r"param_groups\[0\].lr: str 'evil'"),
+        (lambda c: c["lr_schedulers"][0]["_schedule_phases"][0].update(start_lr="evil"), "_schedule_phases"),
+        (lambda c: c["optimizer_states"][0]["state"][0].update(exp_avg=torch.zeros(7)), r"state\[0\].exp_avg"),
+        (lambda c: c["loops"]["fit_loop"]["epoch_progress"]["total"].update(ready="1"), "epoch_progress.total.ready"),
+        (lambda c: c["callbacks"]["ResumableRun"]["rng"].update(python=(3, (1, 2), None)), "rng.python"),
+        (lambda c: c.update(global_step=-3), "global_step=-3"),
+    ],
+)
+def test_crafted_training_states_are_refused_in_one_line(base_run, make_cfg, tmp_path: Path, edit, error):
+    """Reproducer 7's crafted optimizer, scheduler, loop and RNG states: one line naming the file, before fitting."""
+    run = copied_run(base_run, tmp_path, lambda checkpoint, mc, run: edit(checkpoint))
+    with pytest.raises(CheckpointError, match=error) as raised:
+        train(make_cfg(f"paths.output_dir={run}", f"ckpt_path={run}", "trainer.max_epochs=2", *RESUME))
+    assert "\n" not in str(raised.value) and str(run) in str(raised.value)
