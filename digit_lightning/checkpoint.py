@@ -7,6 +7,7 @@ read from a file is ever instantiated. The weights must fit that net before anyt
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import stat
@@ -147,5 +148,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(str(path).removeprefix("file://"))
         path.parent.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()  # torch's zip writer turns a failed write (a full disk) into an unrelated RuntimeError
+        torch.save(checkpoint, buffer)
         with atomic_open(path) as f:
-            torch.save(checkpoint, f)
+            f.write(buffer.getbuffer())

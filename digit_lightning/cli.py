@@ -7,6 +7,7 @@ codes). `HYDRA_FULL_ERROR=1` shows the full traceback instead of the one line.
 from __future__ import annotations
 
 import difflib
+import errno
 import logging
 import os
 import sys
@@ -77,6 +78,26 @@ def one_line(error: BaseException) -> str:
     return text
 
 
+# An OSError with one of these errnos is the machine's state, not a bug: the disk is full, the directory is read-only.
+DISK_ERRNOS = {
+    errno.ENOSPC: "free some space or write elsewhere",
+    errno.EDQUOT: "free some space or write elsewhere",
+    errno.EROFS: "write to a writable directory",
+    errno.EACCES: "write to a directory you may write to",
+    errno.EPERM: "write to a directory you may write to",
+}
+WHERE = "(training and eval: hydra.run.dir=... or paths.log_dir=...; export: output=...)"
+
+
+def disk_error(error: OSError) -> str | None:
+    """An OSError that says the disk is full or read-only as one line with the fix; None for any other OSError."""
+    fix = DISK_ERRNOS.get(error.errno)
+    if fix is None:
+        return None
+    where = f"{error.filename}: " if error.filename else ""
+    return f"{where}{error.strerror or os.strerror(error.errno)}; {fix} {WHERE}"
+
+
 def log_to_file(message: str) -> None:
     """Write `message` to the run's log file only (the console gets the one `error:` line)."""
     record = logging.LogRecord("digit_lightning", logging.ERROR, "", 0, message, None, None)
@@ -85,9 +106,10 @@ def log_to_file(message: str) -> None:
             handler.handle(record)
 
 
-def fail(message: str) -> None:
+def fail(message: str, to_log: bool = True) -> None:
     """Print `error: <message>` (one line) and exit with the user-error status."""
-    log_to_file(message)
+    if to_log:  # not when the disk is full or read-only: the log file could not take it
+        log_to_file(message)
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
 
@@ -108,6 +130,10 @@ def exit_on_user_error() -> Iterator[None]:
         if SHOW_TRACEBACKS:
             raise
         fail(one_line(e))
+    except OSError as e:
+        if SHOW_TRACEBACKS or disk_error(e) is None:
+            raise
+        fail(disk_error(e), to_log=False)
 
 
 class NoTips(logging.Filter):
