@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from digit_lightning import CONFIG_DIR
 from digit_lightning.errors import UserError
@@ -58,6 +58,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "test": (_bool, "true or false"),
     "extras.print_config": (_bool, "true or false"),
     "tta": (_bool, "true or false"),
+    "trainer.max_epochs": (lambda v: v is None or _int(-1)(v), "a whole number >= 0 (-1: no limit), or null"),
+    "trainer.min_epochs": (lambda v: v is None or _int(0)(v), "a whole number >= 0, or null"),
+    "trainer.max_steps": (_int(-1), "a whole number >= 0 (-1: no limit)"),
 }
 
 
@@ -67,7 +70,7 @@ def show(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, ListConfig)):
         return "[" + ",".join(show(v) for v in value) + "]"
     return str(value) if str(value) else "''"
 
@@ -135,6 +138,25 @@ def validate_config(cfg: DictConfig, config_name: str = "train") -> None:
         value = OmegaConf.select(cfg, key, default=missing)
         if value is not missing and not ok(value):
             raise ConfigError(f"{key}={show(value)}: must be {allowed}")
+    ckpt = cfg.get("ckpt_path")
+    if config_name == "train" and ckpt is not None and not isinstance(ckpt, str):
+        raise ConfigError(f"ckpt_path={show(ckpt)}: a training resumes one run; pass one checkpoint (last, a run dir "
+                          "or a .ckpt file); eval, predict and export take a list")  # fmt: skip
     folds, fold = OmegaConf.select(cfg, "data.num_folds"), OmegaConf.select(cfg, "data.fold")
+    if folds is None and fold not in (None, 0):
+        raise ConfigError(f"data.fold={fold}: folds need data.num_folds (e.g. data.num_folds=10); without it the run "
+                          "validates on the fixed split of data.val_size images")  # fmt: skip
     if folds is not None and fold is not None and fold >= folds:
         raise ConfigError(f"data.fold={fold}: must be from 0 to {folds - 1} (data.num_folds={folds})")
+
+
+def trainer_error(error: Exception, cfg: DictConfig) -> ConfigError:
+    """Lightning's refusal of a trainer setting (its MisconfigurationException) as one line with the fix. A
+    `limit_*_batches` fraction can be smaller than one batch; a whole number of batches always works."""
+    trainer = cfg.get("trainer") or {}
+    fractions = [k for k, v in trainer.items() if k.startswith("limit_") and isinstance(v, float) and 0 < v < 1]
+    if fractions:
+        hint = "or pass a whole number of batches instead, e.g. " + " ".join(f"+trainer.{k}=1" for k in fractions)
+    else:
+        hint = "change that trainer.* setting"
+    return ConfigError(f"trainer: {' '.join(str(error).split())}; {hint}")

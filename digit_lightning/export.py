@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from digit_lightning.config import validate_config
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 from digit_lightning.ensemble import checkpoint_paths, load_model
 
@@ -42,6 +43,9 @@ def export_onnx(net: nn.Module, path: Path, opset: int = 18) -> None:
     except ImportError:
         raise ExportError("ONNX export needs the export extra: pip install 'digit-lightning[export]'") from None
 
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise ExportError(f"opset={opset}: newer than the installed onnx knows; pass opset={MIN_OPSET} to {newest}")
     example = torch.zeros(2, 1, 28, 28)
     with warnings.catch_warnings(), redirect_stdout(io.StringIO()):  # the exporter reports its progress on stdout
         warnings.simplefilter("ignore")
@@ -56,6 +60,10 @@ def export_onnx(net: nn.Module, path: Path, opset: int = 18) -> None:
             external_data=False,
         )
     model = program.model_proto
+    written = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if written != opset:  # the exporter falls back to the opset it knows when it cannot convert
+        raise ExportError(f"opset={opset}: torch's exporter cannot write it (it wrote opset {written}); pass "
+                          f"opset={written}")  # fmt: skip
     for key, value in metadata().items():
         model.metadata_props.add(key=key, value=value)
     onnx.checker.check_model(model)
@@ -98,6 +106,7 @@ def run_exported(path: Path, fmt: str, images: torch.Tensor) -> np.ndarray:
 
 def export(cfg: DictConfig) -> Path:
     """Write the export the config asks for; check it against the PyTorch model; return its path."""
+    validate_config(cfg, "export")  # a misspelt key (`+chek=false`) is refused, not ignored
     if not cfg.get("ckpt_path"):
         raise ExportError("ckpt_path is not set; pass ckpt_path=last, a run dir or a .ckpt file")
     if cfg.format not in FORMATS:
@@ -114,14 +123,14 @@ def export(cfg: DictConfig) -> Path:
     output = Path(cfg.output) if cfg.get("output") else paths[0].with_name(stem + FORMATS[cfg.format])
     if output.is_dir():
         raise ExportError(f"output={output} is a directory; pass a file name, e.g. output={output}/digit.onnx")
-    output.parent.mkdir(parents=True, exist_ok=True)
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         if cfg.format == "onnx":
             export_onnx(net, output, cfg.opset)
         else:
             export_torchscript(net, output)
     except OSError as e:
-        raise ExportError(f"cannot write {output}: {e.strerror or e}") from None
+        raise ExportError(f"output={output}: cannot write it ({e.strerror or e}); pass a writable path") from None
     print(f"wrote {output} ({cfg.format}, {output.stat().st_size / 1e6:.1f} MB)")
     if cfg.get("check"):
         # A batch size other than the export's example (2) shows that the batch axis is dynamic.

@@ -26,6 +26,7 @@ from omegaconf import DictConfig, ListConfig
 from rich.console import Console
 from rich.table import Table
 
+from digit_lightning.config import validate_config
 from digit_lightning.data.preprocess import IMAGE_SUFFIXES, PreprocessError, find_images, preprocess_image
 from digit_lightning.ensemble import checkpoint_paths, load_model
 
@@ -100,6 +101,7 @@ def render(results: list[dict[str, Any]], fmt: str) -> str:
 
 def check_settings(cfg: DictConfig) -> list[str]:
     """Validate the command line; return the inputs as a list of strings."""
+    validate_config(cfg, "predict")  # a misspelt key (`+topk=5`) is refused, not ignored
     if not cfg.get("ckpt_path"):
         raise UsageError("ckpt_path is not set; pass ckpt_path=last, a run dir or a .ckpt file")
     inputs = cfg.get("inputs")

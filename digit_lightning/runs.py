@@ -66,8 +66,8 @@ def run_dir_of(ckpt: Path) -> Path | None:
 
 def resume_dir(ckpt_path: str | None, log_dir: str, new_dir: str) -> str:
     """`hydra.run.dir`: a training resumed from a run's checkpoint continues in that run's dir, others get `new_dir`."""
-    if ckpt_path in (None, "", "null"):
-        return new_dir
+    if not isinstance(ckpt_path, str) or ckpt_path in ("", "null"):
+        return new_dir  # a list of checkpoints (an ensemble) resumes nothing: the task reports it in one line
     try:
         run = run_dir_of(find_checkpoint(ckpt_path, log_dir))
     except ResumeError:

@@ -10,8 +10,15 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from digit_lightning.cli import UserError
+
 if TYPE_CHECKING:
     import optuna
+
+
+class StorageError(UserError):
+    """A storage that cannot be opened (a corrupt or foreign file); one line naming it and the fix."""
+
 
 CREATE_ATTEMPTS = 4  # a new database's tables are created by whichever worker comes first
 SQLITE_TIMEOUT_S = 60  # how long a worker waits for another's write lock on a SQLite file before failing
@@ -24,7 +31,7 @@ def open_storage(spec: str, heartbeat_interval: int | None = None, retries: int 
     failed by the next `optuna.storages.fail_stale_trials`, and queued again up to `retries` times.
     """
     import optuna
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import DatabaseError, IntegrityError, OperationalError
 
     if "://" not in spec:
         Path(spec).expanduser().parent.mkdir(parents=True, exist_ok=True)
@@ -46,7 +53,15 @@ def open_storage(spec: str, heartbeat_interval: int | None = None, retries: int 
             if attempt + 1 == CREATE_ATTEMPTS:
                 raise
             time.sleep(1 + attempt)
+        except DatabaseError as e:  # a file that is not a database, or a corrupt one
+            raise StorageError(f"hydra.sweeper.storage={spec}: not an Optuna database ({_reason(e)}); move that "
+                               "file away or name another storage") from None  # fmt: skip
     return None  # not reached: the last attempt returns or raises
+
+
+def _reason(error: Exception) -> str:
+    """The database's own words for `error` (SQLAlchemy's wrapper adds the statement and a help link)."""
+    return " ".join(str(getattr(error, "orig", None) or error).split())[:150]
 
 
 def trial_id(storage: optuna.storages.BaseStorage, study_name: str, number: int) -> int:

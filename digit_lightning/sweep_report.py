@@ -13,6 +13,7 @@ PRUNED, FAIL) and Optuna's views of the whole study: `optuna_history.png`, `optu
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -21,11 +22,13 @@ import statistics
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+from digit_lightning.cli import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger(__name__)
 METRIC_ORDER = ["val/acc_best", "test/acc", "test/loss", "val/acc", "val/loss", "train/acc", "train/loss"]
@@ -255,12 +258,30 @@ def fold_lines(summary: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
     return lines
 
 
+class ReportError(UserError):
+    """A path that is not a multirun dir; one line saying what it is and what to pass."""
+
+
+def check_sweep_dir(path: Path) -> None:
+    """Raise a one-line ReportError unless `path` is a directory that could hold a multirun's job dirs."""
+    hint = "pass a multirun dir, e.g. logs/train/multiruns/<time>"
+    if not path.exists():
+        raise ReportError(f"{path}: no such directory; {hint}")
+    if not path.is_dir():
+        raise ReportError(f"{path}: a file, not a directory; {hint}")
+    if (path / ".hydra").is_dir():  # a run dir, or one job of a sweep (its parent is the multirun dir)
+        in_sweep = (path.parent / "multirun.yaml").is_file() or path.parent.parent.name == "multiruns"
+        parent = f"its multirun dir {path.parent}" if in_sweep else "a multirun dir"
+        raise ReportError(f"{path}: one run's dir, not a multirun's; pass {parent}")
+
+
 def write_report(sweep_dir: str | Path) -> Path:
     """Write sweep_report.{md,csv,png} (and the Optuna views, the fold summary) into `sweep_dir`; return the .md."""
     sweep_dir = Path(sweep_dir)
+    check_sweep_dir(sweep_dir)
     jobs = read_jobs(sweep_dir)
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir}: no job dirs (*/.hydra/overrides.yaml); pass a multirun dir")
+        raise ReportError(f"{sweep_dir}: no job dirs (*/.hydra/overrides.yaml); pass a multirun dir")
     study = load_study(sweep_dir)
     if study is not None:
         attach_trials(study, sweep_dir, jobs)
@@ -314,20 +335,28 @@ class SweepReport(Callback):
             log.warning(f"No sweep report for {sweep_dir}: {type(e).__name__}: {e}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line as one `error:` line (a ReportError) instead of usage and an error."""
+
+    def error(self, message: str) -> NoReturn:
+        """Raise the message as a ReportError, naming --help."""
+        raise ReportError(f"{message}; see python -m digit_lightning.sweep_report --help")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m digit_lightning.sweep_report <multirun dir>`: write the report and print where it is."""
-    args = sys.argv[1:] if argv is None else argv
-    if args in (["-h"], ["--help"]):
-        print("usage: python -m digit_lightning.sweep_report <multirun dir>")
-        return 0
-    if len(args) != 1:
-        print("usage: python -m digit_lightning.sweep_report <multirun dir>", file=sys.stderr)
-        return 2
+    """`python -m digit_lightning.sweep_report <multirun dir>`: write the report and print where it is; 2 on a bad
+    path (one `error:` line)."""
+    parser = _Parser(prog="python -m digit_lightning.sweep_report", description=__doc__.split("\n\n", 1)[1],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="Exit status: 0 written; 2 not a multirun dir or a bad command line")  # fmt: skip
+    parser.add_argument(
+        "sweep_dir", metavar="<multirun dir>", help="a multirun's dir: logs/<task_name>/multiruns/<time>"
+    )
     try:
-        report = write_report(args[0])
-    except FileNotFoundError as e:
+        report = write_report(parser.parse_args(sys.argv[1:] if argv is None else argv).sweep_dir)
+    except ReportError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_USER_ERROR
     print(report.read_text())
     print(f"Wrote {report}, {report.with_suffix('.csv')} and {report.with_suffix('.png')}")
     return 0

@@ -11,6 +11,7 @@ cli.answer_help(__name__, "train")  # before torch and Lightning: help needs nei
 
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -20,12 +21,12 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from digit_lightning import resume, runs
 from digit_lightning.atomic import atomic_open
-from digit_lightning.config import validate_config
+from digit_lightning.config import trainer_error, validate_config
 from digit_lightning.tensorboard import log_hparams  # also registers ${sweep_job_name:} (conf/logger)
 
 log = logging.getLogger(__name__)
@@ -69,16 +70,31 @@ def train(cfg: DictConfig) -> dict[str, float]:
         ckpt_path = resume.hand_over(trainer, ckpt_path, resume.for_fit(ckpt_path, model, trainer))
     if cfg.get("train"):
         log.info(summary(cfg))
-        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        except MisconfigurationException as e:
+            raise trainer_error(e, cfg) from e
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    best_so_far = float(model.val_acc_best.max_value)  # restored from the checkpoint when fit had nothing left to do
+    if "val/acc_best" not in metrics and math.isfinite(best_so_far):
+        metrics["val/acc_best"] = best_so_far
 
     if cfg.get("test"):
+        if trainer.is_global_zero and cfg.get("train"):  # what fit reached, should the test be interrupted
+            write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, trainer)
         best = resume.tested_checkpoint(trainer)
         if best:
             resume.hand_over(trainer, best, resume.for_test(best, model))
         else:
             log.warning("No best checkpoint was saved; testing the current weights.")
-        trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        try:
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        except MisconfigurationException as e:
+            raise trainer_error(e, cfg) from e
+        except SIGTERMException:
+            log.warning(f"Interrupted by SIGTERM during the final test; the training itself had finished. To test "
+                        f"it: {runs.resume_command(Path(cfg.paths.output_dir))}")  # fmt: skip
+            raise
         metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         log.info(
             "Test on the official test set: "
@@ -105,9 +121,21 @@ def summary(cfg: DictConfig) -> str:
     scheduler = m.get("scheduler")
     schedule = scheduler._target_.rsplit(".", 1)[-1] if scheduler else "constant lr"
     return (
-        f"Training {m.net.name} with {m.optimizer._target_.rsplit('.', 1)[-1]} lr={m.optimizer.lr} ({schedule}), "
-        f"batch {d.batch_size}, {t.max_epochs} epochs, seed {cfg.seed} -> {cfg.paths.output_dir}"
+        f"Training {m.net.name} with {m.optimizer._target_.rsplit('.', 1)[-1]} lr={m.optimizer.lr:.3g} ({schedule}), "
+        f"batch size {d.batch_size}, {length(t)}, seed {cfg.seed} -> {cfg.paths.output_dir}"
     )
+
+
+def length(trainer: DictConfig) -> str:
+    """How long the run trains, the way Lightning will: `fast_dev_run` wins over `max_epochs`."""
+    fast = trainer.get("fast_dev_run")
+    if fast:
+        batches = 1 if fast is True else int(fast)
+        return f"fast_dev_run: {batches} batch{'es' if batches > 1 else ''} of train, val and test"
+    epochs = trainer.get("max_epochs")
+    if epochs is None or epochs == -1:
+        return "no epoch limit" + (f", {trainer.max_steps} steps" if trainer.get("max_steps", -1) != -1 else "")
+    return f"{epochs} epoch{'' if epochs == 1 else 's'}"
 
 
 @hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="train")

@@ -20,7 +20,7 @@ BAD = {
     "data.batch_size=abc": "data.batch_size=abc: must be an integer >= 1",
     "model.optimizer.lr=-0.1": "model.optimizer.lr=-0.1: must be a finite number > 0",
     "data.val_size=60000": "data.val_size=60000: must be an integer from 1 to 59999",
-    "trainer.max_epochs=-2": "trainer: `max_epochs` must be a non-negative integer or -1",  # Lightning's own check
+    "trainer.max_epochs=-2": "trainer.max_epochs=-2: must be a whole number >= 0 (-1: no limit), or null",
     "data.batchsize=16": "data.batchsize: no such key; did you mean data.batch_size?",
     "+data.batchsize=16": (
         "data.batchsize=16: MNISTDataModule has no argument 'batchsize'; did you mean data.batch_size?"

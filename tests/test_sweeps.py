@@ -98,7 +98,7 @@ def test_report_skips_a_job_it_cannot_read_with_a_warning(tmp_path: Path, caplog
 
 
 def test_report_cli_rejects_a_dir_without_jobs(tmp_path: Path, capsys: pytest.CaptureFixture):
-    assert report_main([str(tmp_path)]) == 1
+    assert report_main([str(tmp_path)]) == 2
     assert (
         capsys.readouterr().err.strip()
         == f"error: {tmp_path}: no job dirs (*/.hydra/overrides.yaml); pass a multirun dir"

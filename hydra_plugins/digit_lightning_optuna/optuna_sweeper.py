@@ -19,10 +19,11 @@ here.)
 
 import logging
 import math
+import re
 import threading
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from hydra.errors import HydraException
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
 from hydra.utils import instantiate
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, read_write
 
 log = logging.getLogger(__name__)
 
@@ -177,6 +178,9 @@ class OptunaSweeper(Sweeper):
             raise UserError(f"hydra.sweeper.direction={direction}: must be maximize or minimize")
         if n_trials < 1 or n_jobs < 1:
             raise UserError(f"hydra.sweeper.n_trials={n_trials}, n_jobs={n_jobs}: both must be >= 1")
+        if not isinstance(study_name, str) or not re.fullmatch(r"[\w.=,+ -]+", study_name):
+            raise UserError(f"hydra.sweeper.study_name={study_name}: use letters, digits and - _ . = , + only "
+                            "(it names the storage file, in a URL where ? # % / mean something else)")  # fmt: skip
         self.sampler_cfg, self.pruner_cfg = sampler, pruner
         self.direction, self.storage_spec, self.study_name = direction, storage, study_name
         self.n_trials, self.n_jobs, self.params = n_trials, n_jobs, params or {}
@@ -211,7 +215,7 @@ class OptunaSweeper(Sweeper):
                         "another; add hydra/launcher=joblib to run them at once")  # fmt: skip
         self.storage_spec = absolute(self.storage_spec)  # valid from any directory, e.g. for the sweep report
         storage = open_storage(self.storage_spec, self.heartbeat_interval, self.retries)
-        sweep_dir = Path(self.config.hydra.sweep.dir).resolve()
+        sweep_dir = self._claim_sweep_dir()
         pruner = instantiate(self.pruner_cfg)
         study = optuna.create_study(storage=storage, study_name=self.study_name, direction=self.direction,
                                     pruner=pruner, load_if_exists=True)  # fmt: skip
@@ -232,8 +236,15 @@ class OptunaSweeper(Sweeper):
                 else:
                     trials.append(sampled.ask())
             batch = [self._overrides(t, space, fixed, sweep_dir, self.job_idx + i) for i, t in enumerate(trials)]
-            with heartbeats(storage, [trial_id(storage, self.study_name, t.number) for t in trials]):
-                returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+            try:
+                with heartbeats(storage, [trial_id(storage, self.study_name, t.number) for t in trials]):
+                    returns = self.launcher.launch(batch, initial_job_idx=self.job_idx)
+            except BaseException as e:  # a job's exit (a user error), Ctrl-C: no trial of the batch stays RUNNING
+                for trial in trials:
+                    with suppress(Exception):  # the storage itself may be what failed
+                        sampled.tell(trial, state=optuna.trial.TrialState.FAIL)
+                log.warning(f"Trials {[t.number for t in trials]} failed: the sweep stopped ({type(e).__name__})")
+                raise
             self.job_idx += len(returns)
             for trial, ret in zip(trials, returns, strict=True):
                 error = self._tell(sampled, trial, ret)
@@ -243,6 +254,27 @@ class OptunaSweeper(Sweeper):
             if failures and not completed and len(failures) == self.job_idx:
                 raise failures[0]  # every trial so far failed: the same error would end every other one
         self._save_results(sampled or study, sweep_dir)
+
+    def _claim_sweep_dir(self) -> Path:
+        """Make this command's sweep dir, one no other command has: two workers started in the same second get the
+        same `hydra.sweep.dir` (its time has seconds), and their jobs would then share run dirs. The second one gets
+        `<dir>_2` (then `_3`, ...), and every job of this command is told so."""
+        base = Path(self.config.hydra.sweep.dir).resolve()
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for n in range(1, 1000):
+            claimed = base if n == 1 else base.with_name(f"{base.name}_{n}")
+            try:
+                claimed.mkdir()
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise UserError(f"hydra.sweep.dir={base}: 999 sweeps already have this dir; pass another hydra.sweep.dir")
+        if claimed != base:
+            log.info(f"{base} is another sweep's; this one writes to {claimed}")
+        with read_write(self.config.hydra):  # the launcher and the end-of-sweep report read it from here
+            self.config.hydra.sweep.dir = str(claimed)
+        return claimed
 
     def _sampler(self, offset: int) -> Any:
         """The configured sampler; a seeded one is seeded `seed + offset`, so each command draws its own points."""
@@ -268,7 +300,8 @@ class OptunaSweeper(Sweeper):
         params = {name: suggest(trial, name, dist) for name, dist in space.items()}
         trial.set_user_attr("sweep_dir", str(sweep_dir))  # where its run dir is: <sweep_dir>/<job>
         trial.set_user_attr("job", job)
-        return [*(f"{k}={v}" for k, v in params.items()), *fixed, f"hydra.sweeper.trial={trial.number}"]
+        return [*(f"{k}={v}" for k, v in params.items()), *fixed, f"hydra.sweeper.trial={trial.number}",
+                f"hydra.sweep.dir={sweep_dir}"]  # fmt: skip
 
     def _tell(self, study: Any, trial: Any, ret: JobReturn) -> BaseException | None:
         """Record the job's outcome in the study; return its error (None when it completed)."""
