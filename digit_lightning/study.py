@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from digit_lightning.cli import UserError
+from digit_lightning.errors import UserError
 
 if TYPE_CHECKING:
     import optuna
