@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'  # dev includes the export, sweeps and slurm extras
+	$(PY) -m pip install --quiet -e '.[dev]'  # dev includes the export, sweeps, slurm and tracking extras
 	touch $@
 
 data: install

@@ -46,7 +46,8 @@ class DigitClassifier(L.LightningModule):
         net = dict(net or {"name": "digit"})
         if not isinstance(compile, bool):
             raise ModelError(f"model.compile={compile!r}: must be true or false")
-        self.save_hyperparameters({"net": net, "compile": bool(compile)})
+        # logger=False: every logger gets the curated settings of digit_lightning.tensorboard.hparams instead
+        self.save_hyperparameters({"net": net, "compile": bool(compile)}, logger=False)
         self.net = build_net(**net)
         self.compile_net = compile
         if channels_last not in (True, False, "auto"):

@@ -41,13 +41,18 @@ NOT_SETTINGS = ("hydra", "paths", "ckpt_path")  # where files go, not how a mode
 class TensorBoardLogger(lightning_loggers.TensorBoardLogger):
     """Lightning's TensorBoard logger with its tags grouped for TensorBoard's Time Series page, which sorts groups
     (the part of a tag before its first "/") by name and opens only the first two: `lr-Adam` becomes `train/lr`,
-    and Lightning's `epoch` (a staircase against the step) is left to the other loggers. So `test` and `train`
-    open, and nothing sorts before them."""
+    and Lightning's `epoch` is left out (`metric_names`). So `test` and `train` open, and nothing sorts before
+    them."""
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Write `metrics` at `step`, with LearningRateMonitor's `lr-<Optimizer>[/pg<n>]` as `train/lr[/pg<n>]`."""
-        renamed = {re.sub(r"^lr-[^/]+", "train/lr", k): v for k, v in metrics.items() if k != "epoch"}
-        super().log_metrics(renamed, step)
+        """Write `metrics` at `step` under `metric_names`."""
+        super().log_metrics(metric_names(metrics), step)
+
+
+def metric_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """`metrics` under the names every dashboard shows (TensorBoard, MLflow, W&B): LearningRateMonitor's
+    `lr-<Optimizer>[/pg<n>]` as `train/lr[/pg<n>]`, and without Lightning's `epoch` (a staircase against the step)."""
+    return {re.sub(r"^lr-[^/]+", "train/lr", k): v for k, v in metrics.items() if k != "epoch"}
 
 
 def logger_of(loggers: Iterable[Logger]) -> lightning_loggers.TensorBoardLogger | None:

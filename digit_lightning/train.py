@@ -28,6 +28,7 @@ from digit_lightning import resume, runs
 from digit_lightning.atomic import atomic_open
 from digit_lightning.config import trainer_error, validate_config
 from digit_lightning.tensorboard import log_hparams  # also registers ${sweep_job_name:} (conf/logger)
+from digit_lightning.tracking import log_outputs  # also registers ${run_name:}, ${sweep_group:} (conf/logger)
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             log.info(f"Best checkpoint: {best}")
     if trainer.is_global_zero:
         write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, trainer)
+        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        log_outputs(trainer.loggers, cfg.paths.output_dir, best or None)  # MLflow, W&B: artifacts, the model
     return metrics
 
 

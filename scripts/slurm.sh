@@ -114,6 +114,11 @@ up() {
     mariadb -e "CREATE USER IF NOT EXISTS 'slurm'@'localhost' IDENTIFIED VIA unix_socket;
                 GRANT ALL ON slurm_acct_db.* TO 'slurm'@'localhost';"
   fi
+  # An account for Optuna studies and MLflow stores on this server (docs/sweeps.md): user and password
+  # digit_lightning, owner of every database whose name starts with digit_lightning; reached through the socket.
+  mariadb -e "CREATE USER IF NOT EXISTS 'digit_lightning'@'localhost' IDENTIFIED BY 'digit_lightning';
+              GRANT ALL ON \`digit_lightning%\`.* TO 'digit_lightning'@'localhost';
+              CREATE DATABASE IF NOT EXISTS digit_lightning;"
   if ! running "$RUN/slurmdbd.pid"; then
     slurmdbd
     wait_for 60 "slurmdbd" sacctmgr -n list cluster

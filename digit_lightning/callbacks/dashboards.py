@@ -3,8 +3,9 @@ inputs and per-class PR curves.
 
 `Dashboards` is a Lightning callback (conf/callbacks/default.yaml; eval adds it too). It keeps its per-batch work
 on the device (no host syncs) and renders matplotlib figures (Agg backend) once per validation or test epoch, sized
-to be read at TensorBoard's default image size. Without a TensorBoard logger (`logger=csv`, `logger=none`) it does
-nothing.
+to be read at TensorBoard's default image size. The confusion matrices and image grids go to MLflow and W&B too
+(`logger=mlflow`, `wandb`, `many`: digit_lightning.tracking); the layout, graph and PR curves are TensorBoard's own.
+Without such a logger (`logger=csv`, `logger=none`) it does nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 from digit_lightning.tensorboard import add_net_graph, in_sweep_job, logger_of, write_layout
+from digit_lightning.tracking import log_figure, trackers
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -107,6 +109,21 @@ def add_figure(logger: TensorBoardLogger, tag: str, fig: Figure, step: int) -> N
     logger.experiment.add_figure(tag, fig, global_step=step, close=True)
 
 
+def publish(trainer: L.Trainer, tag: str, fig: Figure, step: int) -> None:
+    """A figure to every logger of `trainer` that shows pictures (TensorBoard, MLflow, W&B), then freed."""
+    log_figure(trainer.loggers, tag, fig, step)
+    logger = logger_of(trainer.loggers)
+    if logger is not None:
+        add_figure(logger, tag, fig, step)
+    else:
+        pyplot().close(fig)
+
+
+def shows_pictures(trainer: L.Trainer) -> bool:
+    """Whether a logger of `trainer` shows pictures."""
+    return logger_of(trainer.loggers) is not None or bool(trackers(trainer.loggers))
+
+
 class Dashboards(L.Callback):
     """Everything TensorBoard shows beyond the scalars the module logs:
 
@@ -192,35 +209,37 @@ class Dashboards(L.Callback):
         self.test_outputs.append((outputs.detach(), batch[1]))
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Render the epoch's confusion matrix and misclassified grid into TensorBoard (rank 0)."""
-        logger = logger_of(trainer.loggers)
-        if trainer.sanity_checking or logger is None or self.confusion.update_count == 0:
+        """Render the epoch's confusion matrix and misclassified grid into the loggers (rank 0)."""
+        if trainer.sanity_checking or not shows_pictures(trainer) or self.confusion.update_count == 0:
             return
         counts = self.confusion.compute()  # on every rank: under DDP this gathers all ranks' counts
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
         matrix = confusion_figure(counts, f"validation, epoch {trainer.current_epoch}")
-        add_figure(logger, "val/confusion_matrix", matrix, step)
+        publish(trainer, "val/confusion_matrix", matrix, step)
         if self.wrong is not None:
             keep = self.wrong["wrong"].cpu()
             images, truth, preds = (self.wrong[k].cpu()[keep] for k in ("x", "y", "pred"))
             titles = [f"{t} → {p}" for t, p in zip(truth.tolist(), preds.tolist(), strict=True)]
             heading = f"true → predicted, epoch {trainer.current_epoch}"
             if titles:
-                add_figure(logger, "val/misclassified", image_grid(images, titles, heading), step)
+                publish(trainer, "val/misclassified", image_grid(images, titles, heading), step)
         self.wrong = None
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Render the test confusion matrix and write one PR curve per digit (rank 0's share of the test set)."""
-        logger = logger_of(trainer.loggers)
-        if logger is None or self.confusion.update_count == 0:
+        if not shows_pictures(trainer) or self.confusion.update_count == 0:
             return
         counts = self.confusion.compute()
         if not trainer.is_global_zero:
             return
         step = trainer.global_step
-        add_figure(logger, "test/confusion_matrix", confusion_figure(counts, "test set"), step)
+        publish(trainer, "test/confusion_matrix", confusion_figure(counts, "test set"), step)
+        logger = logger_of(trainer.loggers)
+        if logger is None:
+            self.test_outputs = []
+            return
         probs = torch.cat([p for p, _ in self.test_outputs]).float().exp().cpu()
         labels = torch.cat([y for _, y in self.test_outputs]).cpu()
         for digit in range(10):
@@ -235,10 +254,9 @@ class Dashboards(L.Callback):
         if self._samples_logged or self.num_samples <= 0 or in_sweep_job():
             return
         self._samples_logged = True
-        logger = logger_of(trainer.loggers)
-        if logger is None or not trainer.is_global_zero:
+        if not shows_pictures(trainer) or not trainer.is_global_zero:
             return
         x, y = batch
         n = min(self.num_samples, len(x))
         fig = image_grid(x[:n], [str(t) for t in y[:n].tolist()], "training inputs and their labels")
-        add_figure(logger, "train_inputs/samples", fig, trainer.global_step)
+        publish(trainer, "train_inputs/samples", fig, trainer.global_step)

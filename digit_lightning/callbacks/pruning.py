@@ -11,11 +11,13 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import optuna
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from optuna_integration import PyTorchLightningPruningCallback
 
 from digit_lightning.study import load_trial
+from digit_lightning.tracking import mark_pruned
 
 
 class OptunaPruning(PyTorchLightningPruningCallback):
@@ -41,9 +43,15 @@ class OptunaPruning(PyTorchLightningPruningCallback):
             super().on_fit_start(trainer, pl_module)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Report this epoch's value; raise optuna.TrialPruned (or, under DDP, stop all ranks) if pruned."""
-        if self.active:
+        """Report this epoch's value; raise optuna.TrialPruned (or, under DDP, stop all ranks) if pruned. MLflow and
+        W&B runs record the trial as pruned (digit_lightning.tracking)."""
+        if not self.active:
+            return
+        try:
             super().on_validation_end(trainer, pl_module)
+        except optuna.TrialPruned:
+            mark_pruned(trainer.loggers)
+            raise
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Under DDP, every rank raises optuna.TrialPruned once rank 0 has recorded the trial as pruned."""
