@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -227,3 +228,121 @@ def test_optuna_trials_run_as_slurm_jobs_of_one_stored_study(slurm_cluster, run_
         assert sorted(trial.intermediate_values) == [0, 1] and 0.1 < trial.value <= 1.0
         metrics = json.loads((sweep / str(trial.number) / "metrics.json").read_text())
         assert metrics["val/acc_best"] == pytest.approx(trial.value)
+
+
+# The MariaDB that `make slurm-up` runs for SLURM's accounting, reached through its socket with the account that
+# scripts/slurm.sh creates for studies and MLflow stores (it owns every database named digit_lightning*).
+MARIADB_SOCKET = "/run/mysqld/mysqld.sock"
+MARIADB_USER = "digit_lightning"
+
+
+@pytest.fixture
+def mariadb(slurm_cluster) -> Callable[[str], str]:
+    """A function that creates a fresh database on the cluster's MariaDB and returns its SQLAlchemy URL, quoted for a
+    Hydra override; the databases are dropped after the test."""
+    pymysql = pytest.importorskip("pymysql", reason="the `tracking` extra is not installed")
+    if not Path(MARIADB_SOCKET).exists():
+        pytest.skip(f"no MariaDB socket at {MARIADB_SOCKET}; `make slurm-up` starts MariaDB")
+    connection = pymysql.connect(user=MARIADB_USER, password=MARIADB_USER, unix_socket=MARIADB_SOCKET, autocommit=True)
+    created: list[str] = []
+
+    def create(purpose: str) -> str:
+        name = f"digit_lightning_{purpose}_{os.getpid()}_{len(created)}_{int(time.time())}"
+        with connection.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE {name}")
+        created.append(name)
+        # quoted for Hydra's override parser, which takes no `=` in a bare value
+        return f"'mysql+pymysql://{MARIADB_USER}:{MARIADB_USER}@localhost/{name}?unix_socket={MARIADB_SOCKET}'"
+
+    yield create
+    with connection.cursor() as cursor:
+        for name in created:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name}")
+    connection.close()
+
+
+def sbatch_worker(name: str, overrides: list[str], cwd: Path, env: dict[str, str]) -> str:
+    """Submit one Optuna worker (`python -m digit_lightning.train hparams_search=mnist_optuna ...`) as a SLURM batch
+    job, as one would on each of several machines; return its job id. Its output goes to `<cwd>/<name>.out`."""
+    command = shlex.join([sys.executable, "-m", "digit_lightning.train", "hparams_search=mnist_optuna", *overrides])
+    submitted = subprocess.run(
+        ["sbatch", "--parsable", f"--job-name={name}", "--cpus-per-task=1", "--mem=2G", f"--chdir={cwd}",
+         f"--output={cwd}/{name}.out", "--wrap", command],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert submitted.returncode == 0, submitted.stderr
+    return submitted.stdout.strip().split(";")[0]
+
+
+@pytest.mark.slurm
+def test_two_slurm_workers_share_a_study_and_an_mlflow_store_on_mariadb(mariadb, mnist_dir: Path, tmp_path: Path):
+    """Two SLURM jobs, each a worker running one trial of one study stored in MariaDB (`mysql+pymysql://`), both
+    logging to an MLflow store in the same server: one trial completes, the other's strict pruner prunes it; the
+    study has both, and MLflow has one experiment for the study with a run per trial, tagged with its state."""
+    optuna = pytest.importorskip("optuna")
+    mlflow = pytest.importorskip("mlflow", reason="the `tracking` extra is not installed")
+    storage, store = mariadb("optuna"), mariadb("mlflow")
+    storage_url, store_url = storage.strip("'"), store.strip("'")
+    mlflow.MlflowClient(store_url).search_experiments()  # its tables, created once before the workers start together
+    common = [f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=shared", "hydra.sweeper.n_trials=1",
+              "logger=mlflow", f"logger.mlflow.tracking_uri={store}",
+              f"logger.mlflow.artifact_location={tmp_path}/artifacts", *SLICE]  # fmt: skip
+    workers = {
+        "complete": [*common, "trainer.max_epochs=1", f"hydra.sweep.dir={tmp_path}/complete"],
+        "pruned": [
+            *common,
+            "hydra/sweeper/pruner=threshold",
+            "hydra.sweeper.pruner.lower=0.999",
+            f"hydra.sweep.dir={tmp_path}/pruned",
+        ],  # below 99.9% after epoch 0: pruned  # fmt: skip
+    }
+    jobs = {name: sbatch_worker(name, overrides, tmp_path, cli_env(mnist_dir)) for name, overrides in workers.items()}
+    for name, job in jobs.items():
+        assert final_states(job, timeout=600) == ["COMPLETED"], (tmp_path / f"{name}.out").read_text()[-3000:]
+
+    study = optuna.load_study(study_name="shared", storage=storage_url)
+    states = {Path(t.user_attrs["sweep_dir"]).name: t for t in study.trials}
+    assert sorted(t.number for t in study.trials) == [0, 1]
+    assert states["complete"].state.name == "COMPLETE" and list(states["complete"].intermediate_values) == [0]
+    assert states["pruned"].state.name == "PRUNED" and list(states["pruned"].intermediate_values) == [0]
+    metrics = json.loads((tmp_path / "complete" / "0" / "metrics.json").read_text())
+    assert states["complete"].value == pytest.approx(metrics["val/acc_best"])
+
+    client = mlflow.MlflowClient(store_url)
+    experiment = client.get_experiment_by_name("optuna/shared")  # one experiment for the study, both workers in it
+    runs = {run.data.tags["optuna.trial"]: run for run in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == sorted(str(t.number) for t in study.trials)
+    for trial in study.trials:
+        run = runs[str(trial.number)]
+        assert run.data.tags["optuna.study"] == "shared" and run.data.tags["optuna.state"] == trial.state.name
+        assert run.info.status == {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[trial.state.name]
+        assert run.data.params["lr"] == str(trial.params["model.optimizer.lr"])
+    assert "val/acc" in runs[str(states["pruned"].number)].data.metrics  # its epoch 0 was logged before the cut
+
+
+@pytest.mark.slurm
+def test_a_killed_slurm_worker_s_trial_is_retried_from_mariadb(mariadb, mnist_dir: Path, tmp_path: Path):
+    """A worker's SLURM job killed mid-trial leaves its trial RUNNING in MariaDB; its heartbeat stops, so the next
+    worker marks it failed and runs its parameters again (`hydra.sweeper.retries`)."""
+    optuna = pytest.importorskip("optuna")
+    storage = mariadb("optuna")
+    common = [f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=retry", "logger=none", *SLICE,
+              "hydra.sweeper.heartbeat_interval=1", "trainer.max_epochs=1"]  # fmt: skip
+    first = sbatch_worker("first", [*common, "hydra.sweeper.n_trials=3", f"hydra.sweep.dir={tmp_path}/first"],
+                          tmp_path, cli_env(mnist_dir))  # fmt: skip
+    wait_for(lambda: (tmp_path / "first/0/metrics.json").is_file() and (tmp_path / "first/1").is_dir(),
+             "trial 1 started", timeout=600, every=0.05)  # fmt: skip
+    subprocess.run(["scancel", "--full", "--signal=KILL", first], check=True, timeout=60)  # no SIGTERM: no cleanup
+    final_states(first)
+    study = optuna.load_study(study_name="retry", storage=storage.strip("'"))
+    killed = study.trials
+    assert [t.state.name for t in killed] == ["COMPLETE", "RUNNING"], (tmp_path / "first.out").read_text()[-3000:]
+    time.sleep(3)  # past the grace period (2 heartbeat intervals)
+
+    again = sbatch_worker("again", [*common, "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={tmp_path}/again"],
+                          tmp_path, cli_env(mnist_dir))  # fmt: skip
+    assert final_states(again, timeout=600) == ["COMPLETED"], (tmp_path / "again.out").read_text()[-3000:]
+    assert "Trials [1] were interrupted" in (tmp_path / "again.out").read_text()
+    trials = optuna.load_study(study_name="retry", storage=storage.strip("'")).trials
+    assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert trials[2].params == killed[1].params and trials[2].system_attrs["failed_trial"] == 1
