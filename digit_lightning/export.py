@@ -121,6 +121,9 @@ def export(cfg: DictConfig) -> Path:
     net = load_model(paths, tta=cfg.get("tta", False)).net.eval()
     stem = paths[0].stem + ("_ensemble" if len(paths) > 1 else "_tta" if cfg.get("tta") else "")
     output = Path(cfg.output) if cfg.get("output") else paths[0].with_name(stem + FORMATS[cfg.format])
+    if output.is_symlink():  # e.g. planted beside a checkpoint of a run dir someone handed you
+        raise ExportError(f"output={output} is a symbolic link; refusing to write through it: remove it or pass "
+                          "output=<another file>")  # fmt: skip
     if output.is_dir():
         raise ExportError(f"output={output} is a directory; pass a file name, e.g. output={output}/digit.onnx")
     try:

@@ -8,13 +8,15 @@ resolves to it) with the settings of that run's `.hydra/config.yaml`, which is l
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
-from functools import cache
 from pathlib import Path
 
 import yaml
 from filelock import FileLock, Timeout
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
 from digit_lightning import CONFIG_DIR
@@ -25,6 +27,13 @@ LAST = "last.ckpt"
 # Keys whose change would not take effect on a resumed run (the checkpoint's optimizer state and data split win).
 FIXED_ON_RESUME = ("model", "data.val_size", "data.split_seed", "seed")
 CHANGES_GROUPS = ("experiment", "hparams_search", "debug", "model")
+# Never taken from a run dir's config: where this command runs, keeps its data and writes (paths), and Hydra's own.
+NOT_TAKEN = ("paths", "hydra", "ckpt_path")
+# Arguments that say where a callback, logger or trainer writes: the package's values (inside the run dir) win.
+WRITES_TO = frozenset({"dirpath", "filename", "save_dir", "default_root_dir", "name", "version", "sub_dir", "storage",
+                       "log_dir", "root_dir", "data_dir", "output_dir", "filepath", "path", "task_name"})  # fmt: skip
+RUN_SUBDIRS = (".hydra", "checkpoints", "tensorboard", "csv")  # what a run writes into, besides its top level
+log = logging.getLogger(__name__)
 
 
 class ResumeError(UserError):
@@ -72,7 +81,29 @@ def resume_dir(ckpt_path: str | None, log_dir: str, new_dir: str) -> str:
         run = run_dir_of(find_checkpoint(ckpt_path, log_dir))
     except ResumeError:
         return new_dir  # the task reports the bad ckpt_path in one line
-    return str(run) if run is not None else new_dir
+    if run is None or has_links(run):  # Hydra would append to a linked train.log, write into a linked .hydra/resume
+        return new_dir  # ... so it writes into a new dir, and the task refuses the run dir in one line
+    return str(run)
+
+
+def has_links(run_dir: Path) -> list[Path]:
+    """The symbolic links in a run dir: at its top level (train.log, .lock, metrics.json, ...) and anywhere in what
+    a run writes into (.hydra/, checkpoints/, tensorboard/, csv/)."""
+    run_dir = Path(run_dir)
+    found = [p for p in run_dir.iterdir() if p.is_symlink()] if run_dir.is_dir() else []
+    for sub in RUN_SUBDIRS:
+        for root, dirs, files in os.walk(run_dir / sub):
+            found += [Path(root, name) for name in dirs + files if os.path.islink(os.path.join(root, name))]
+    return found
+
+
+def refuse_links(run_dir: Path) -> None:
+    """Refuse a run dir that holds a symbolic link: a run writes into its dir, and through a planted link it would
+    write, append or delete elsewhere."""
+    found = has_links(run_dir)
+    if found:
+        raise ResumeError(f"{run_dir}: {found[0].relative_to(run_dir)} is a symbolic link; a run dir holding links is "
+                          "refused (a run would write through them); remove it, or start a new run")  # fmt: skip
 
 
 def resume_subdir(ckpt_path: str | None, log_dir: str) -> str:
@@ -85,60 +116,119 @@ def resume_command(ckpt: Path) -> str:
     return f"python -m digit_lightning.train {shlex.quote(f'ckpt_path={ckpt}')}"
 
 
-@cache
-def known_targets() -> frozenset[str]:
-    """Every `_target_` this package's own configs name: the only ones a run dir's config may name."""
-    found: set[str] = set()
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if isinstance(node.get("_target_"), str):
-                found.add(node["_target_"])
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    for path in Path(CONFIG_DIR).rglob("*.yaml"):
-        walk(yaml.safe_load(path.read_text()))
-    return frozenset(found)
-
-
-def _check_data_only(node: object, path: str, source: Path) -> None:
-    """Refuse a config that names a `_target_` our configs do not, or passes positional `_args_`."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            where = f"{path}.{key}" if path else str(key)
-            if key == "_target_" and value not in known_targets():
-                raise ResumeError(f"{source}: {where}={value} is not a target this package's configs use; refusing "
-                                  "to run code named by a run dir (start a new run instead)")  # fmt: skip
-            if key == "_args_":
-                raise ResumeError(f"{source}: {where} passes positional arguments; refusing a run dir config that "
-                                  "adds code to run (start a new run instead)")  # fmt: skip
-            _check_data_only(value, where, source)
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            _check_data_only(value, f"{path}[{i}]", source)
-
-
-def saved_config(run_dir: Path) -> DictConfig:
-    """The settings a run was started with (`<run>/.hydra/config.yaml`), checked to name no code of its own."""
-    source = run_dir / ".hydra" / "config.yaml"
+def _read_yaml(source: Path) -> object:
     try:
-        tree = yaml.safe_load(source.read_text())
+        return yaml.safe_load(source.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise ResumeError(f"{source}: cannot be read as YAML ({' '.join(str(e).split())[:150]})") from None
-    if not isinstance(tree, dict):
-        raise ResumeError(f"{source}: not a config (a mapping of settings)")
-    tree.pop("hydra", None)
-    _check_data_only(tree, "", source)
-    return OmegaConf.create(tree)
+
+
+def recorded_choices(run_dir: Path) -> list[str]:
+    """The run's config-group choices (`.hydra/hydra.yaml`'s `hydra.runtime.choices`) as `group=option` overrides,
+    each an option of this package's own `conf/<group>/` (none recorded: the defaults)."""
+    source = run_dir / ".hydra" / "hydra.yaml"
+    if not source.is_file():
+        return []
+    tree = _read_yaml(source)
+    runtime = tree.get("hydra", {}).get("runtime", {}) if isinstance(tree, dict) else {}
+    choices = runtime.get("choices", {}) if isinstance(runtime, dict) else {}
+    overrides = []
+    for group, option in (choices if isinstance(choices, dict) else {}).items():
+        if not isinstance(group, str) or group.startswith("hydra") or option is None:
+            continue
+        options = sorted(p.stem for p in (Path(CONFIG_DIR) / group).glob("*.yaml")) if "/" not in group else []
+        if option not in options:
+            raise ResumeError(f"{source}: {group}={option!r} is not one of this package's {group} configs "
+                              f"({', '.join(options)}); start a new run instead")  # fmt: skip
+        overrides.append(f"{group}={option}")
+    return overrides
+
+
+def package_config(overrides: list[str]) -> DictConfig:
+    """`conf/train.yaml` composed with `overrides` (inside a Hydra app too: then with the app's own Hydra)."""
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name="train", overrides=overrides)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def _plain(value: object) -> bool:
+    """Plain data: no interpolation, no Hydra key (`_target_`, `_args_`, ...), only YAML scalars and containers."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and not k.startswith("_") and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float)) or (isinstance(value, str) and "${" not in value)
+
+
+def _refuse_interpolations(saved: object, base: object, where: str, source: Path) -> None:
+    """Every `${...}` of a run dir's config must be the package's own, at the same key; any other is refused."""
+    if isinstance(saved, dict):
+        for key, value in saved.items():
+            below = base.get(key) if isinstance(base, dict) else None
+            _refuse_interpolations(value, below, f"{where}.{key}" if where else str(key), source)
+    elif isinstance(saved, list):
+        for i, value in enumerate(saved):
+            below = base[i] if isinstance(base, list) and i < len(base) else None
+            _refuse_interpolations(value, below, f"{where}[{i}]", source)
+    elif isinstance(saved, str) and "${" in saved and saved != base:
+        raise ResumeError(f"{source}: {where}={saved[:80]!r} is an interpolation this package's config does not "
+                          "have there; a run dir's settings are read as plain values (start a new run)")  # fmt: skip
+
+
+def _writes(where: str) -> bool:
+    """Whether the setting `where` says where something is written (the model's own keys never do)."""
+    return where.rsplit(".", 1)[-1] in WRITES_TO and not where.startswith("model.")
+
+
+def _overlay(base: object, saved: object, where: str, dropped: list[str]) -> object:
+    """`saved`'s plain values over the package's config `base`: targets, interpolations (derived settings) and the
+    paths a run writes to stay the package's; a node `base` does not have is dropped (listed in `dropped`)."""
+    if saved == base:
+        return base
+    if isinstance(base, dict) and isinstance(saved, dict):
+        if base.get("_target_") != saved.get("_target_"):
+            dropped.append(where)
+            return base
+        merged = dict(base)
+        for k, v in saved.items():
+            below = f"{where}.{k}"
+            if k in base and not str(k).startswith("_"):
+                merged[k] = _overlay(base[k], v, below, dropped)
+            elif k not in base and "_target_" in base and _plain(v) and not _writes(below):
+                merged[k] = v  # an argument added with +key=value
+            elif v != base.get(k):
+                dropped.append(below)
+        return merged
+    derived = isinstance(base, str) and "${" in base
+    node = isinstance(base, dict) or (isinstance(base, list) and not _plain(base))
+    if derived or _writes(where) or not _plain(saved) or (node and saved is not None):
+        dropped.append(where)
+        return base
+    return saved
 
 
 def resumed_config(cfg: DictConfig, run_dir: Path, typed: list[str]) -> DictConfig:
-    """The config of a resumed run: its saved settings, with the keys typed now (`typed`: `key=value`) on top."""
-    saved = saved_config(run_dir)
+    """The config of a resumed run, rebuilt: the package's own config for the run's recorded group choices, the
+    plain values of its `.hydra/config.yaml` on top (no target, interpolation or write path of its own), `paths`
+    from this command, and the keys typed now (`typed`: `key=value`) on top of all."""
+    source = run_dir / ".hydra" / "config.yaml"
+    tree = _read_yaml(source)
+    if not isinstance(tree, dict):
+        raise ResumeError(f"{source}: not a config (a mapping of settings)")
+    tree.pop("hydra", None)
+    base = OmegaConf.to_container(package_config(recorded_choices(run_dir)), resolve=False)
+    unknown = sorted(set(tree) - set(base))
+    if unknown:
+        raise ResumeError(f"{source}: unknown setting {unknown[0]!r}; this package does not have it, so the run dir "
+                          "is not one of its runs")  # fmt: skip
+    _refuse_interpolations(tree, base, "", source)
+    dropped: list[str] = []
+    merged = {k: v if k in NOT_TAKEN else _overlay(v, tree.get(k, v), k, dropped) for k, v in base.items()}
+    if dropped:
+        log.warning(f"{source}: kept this package's own settings for {', '.join(dropped[:8])}: a run dir's config "
+                    "names no code and no place to write; type them on the command line to change them")  # fmt: skip
+    saved = OmegaConf.create(merged)
     current_keys = set(cfg)
     for override in typed:
         key = override.split("=", 1)[0].lstrip("+~")
@@ -150,10 +240,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path, typed: list[str]) -> DictConf
         if key.split(".")[0] not in current_keys:
             continue
         OmegaConf.update(saved, key, OmegaConf.select(cfg, key), merge=False, force_add=True)
-    unknown = sorted(set(saved) - current_keys)
-    if unknown:
-        raise ResumeError(f"{run_dir}/.hydra/config.yaml: unknown setting {unknown[0]!r}; this package does not "
-                          "have it, so the run dir is not one of its runs")  # fmt: skip
+    saved.paths = cfg.paths
     saved.ckpt_path = cfg.ckpt_path
     saved.paths.output_dir = str(run_dir)
     return saved
@@ -162,12 +249,15 @@ def resumed_config(cfg: DictConfig, run_dir: Path, typed: list[str]) -> DictConf
 def lock_run_dir(run_dir: Path) -> FileLock:
     """Hold `<run>/.lock` for the run's lifetime: a second training in the same dir fails in one line."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    refuse_links(run_dir)
     lock = FileLock(run_dir / ".lock")
     try:
         lock.acquire(timeout=0)
     except Timeout:
         raise ResumeError(f"{run_dir}: another training is running in this run dir; wait for it to finish, or "
                           "pass another hydra.run.dir") from None  # fmt: skip
+    except OSError as e:
+        raise ResumeError(f"{run_dir}/.lock: cannot be locked ({e.strerror or e}); remove it") from None
     for stale in (run_dir / "checkpoints").glob(TMP_PREFIX + "*"):  # a save killed mid-write; never valid
         stale.unlink(missing_ok=True)
     return lock

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from digit_lightning.atomic import atomic_open
 from digit_lightning.cli import EXIT_USER_ERROR, UserError
 
 log = logging.getLogger(__name__)
@@ -131,7 +133,7 @@ def plot(path: Path, jobs: list[dict[str, Any]], swept: list[str], metric: str) 
         ax.grid(alpha=0.3)
     fig.suptitle(f"{metric} per job ({len(jobs)} jobs)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -201,7 +203,7 @@ def plot_study(study: Any, sweep_dir: Path) -> list[str]:
             fig = (axes.flat[0] if hasattr(axes, "flat") else axes).figure
             fig.set_size_inches(max(fig.get_size_inches()[0], 8), max(fig.get_size_inches()[1], 5))
             fig.tight_layout()
-            fig.savefig(sweep_dir / name, dpi=100)
+            save_figure(fig, sweep_dir / name)
             plt.close(fig)
             written.append(name)
         except Exception as e:
@@ -247,14 +249,15 @@ def fold_lines(summary: list[dict[str, Any]], sweep_dir: Path) -> list[str]:
     header = [*varying, "folds", *(f"{m} mean ± sd" for m in FOLD_METRICS)]
     lines = ["", "## Cross-validation: mean ± sample sd over the folds", ""]
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
-    with open(sweep_dir / "sweep_report_folds.csv", "w", newline="") as f:
-        out = csv.writer(f)
-        out.writerow([*varying, "folds", *(f"{m} {s}" for m in FOLD_METRICS for s in ("mean", "sd", "n"))])
-        for row in summary:
-            folds = ",".join(sorted(row["folds"], key=lambda v: _number(v) or 0.0))
-            cells = [row["setting"].get(k, "") for k in varying]
-            lines.append("| " + " | ".join([*cells, folds, *(_mean_sd(row[m]) for m in FOLD_METRICS)]) + " |")
-            out.writerow([*cells, folds, *(v for m in FOLD_METRICS for v in (row[m] or ("", "", 0)))])
+    table = io.StringIO(newline="")
+    out = csv.writer(table)
+    out.writerow([*varying, "folds", *(f"{m} {s}" for m in FOLD_METRICS for s in ("mean", "sd", "n"))])
+    for row in summary:
+        folds = ",".join(sorted(row["folds"], key=lambda v: _number(v) or 0.0))
+        cells = [row["setting"].get(k, "") for k in varying]
+        lines.append("| " + " | ".join([*cells, folds, *(_mean_sd(row[m]) for m in FOLD_METRICS)]) + " |")
+        out.writerow([*cells, folds, *(v for m in FOLD_METRICS for v in (row[m] or ("", "", 0)))])
+    write_file(sweep_dir / "sweep_report_folds.csv", table.getvalue().encode())
     return lines
 
 
@@ -275,6 +278,19 @@ def check_sweep_dir(path: Path) -> None:
         raise ReportError(f"{path}: one run's dir, not a multirun's; pass {parent}")
 
 
+def write_file(path: Path, data: bytes) -> None:
+    """Replace `path` atomically: a reader never sees half a report, and a planted link is replaced, not followed."""
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """`fig.savefig` as PNG, written like `write_file`."""
+    image = io.BytesIO()
+    fig.savefig(image, dpi=100, format="png")
+    write_file(path, image.getvalue())
+
+
 def write_report(sweep_dir: str | Path) -> Path:
     """Write sweep_report.{md,csv,png} (and the Optuna views, the fold summary) into `sweep_dir`; return the .md."""
     sweep_dir = Path(sweep_dir)
@@ -288,8 +304,9 @@ def write_report(sweep_dir: str | Path) -> Path:
     metric, direction = objective(sweep_dir, jobs)
     swept, metrics, rows = build_table(jobs, metric, direction)
     header = ["job", *(["trial", "state"] if any("state" in j for j in jobs) else []), *swept, *metrics]
-    with open(sweep_dir / "sweep_report.csv", "w", newline="") as f:
-        csv.writer(f).writerows([header, *rows])
+    table = io.StringIO(newline="")
+    csv.writer(table).writerows([header, *rows])
+    write_file(sweep_dir / "sweep_report.csv", table.getvalue().encode())
     plot(sweep_dir / "sweep_report.png", jobs, swept, metric)
 
     lines = [f"# Sweep {sweep_dir}", "", f"{len(jobs)} jobs, sorted by `{metric}` ({direction}).", ""]
@@ -319,7 +336,7 @@ def write_report(sweep_dir: str | Path) -> Path:
         lines += [f"![{name}]({name})" for name in plot_study(study, sweep_dir)]
     lines += ["", "![metric per parameter](sweep_report.png)", ""]
     report = sweep_dir / "sweep_report.md"
-    report.write_text("\n".join(lines))
+    write_file(report, "\n".join(lines).encode())
     return report
 
 

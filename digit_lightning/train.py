@@ -157,6 +157,8 @@ def run(cfg: DictConfig) -> float | None:
     resumed = False
     if cfg.get("ckpt_path") and single:
         run_dir = runs.run_dir_of(runs.find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir))
+        if run_dir is not None:
+            runs.refuse_links(run_dir)
         if run_dir is not None and Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve():
             cfg = runs.resumed_config(cfg, run_dir, list(hydra_cfg.overrides.task))
             validate_config(cfg)
@@ -165,7 +167,8 @@ def run(cfg: DictConfig) -> float | None:
     if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:  # DDP ranks > 0 share rank 0's dir
         lock = runs.lock_run_dir(output_dir)  # noqa: F841  (held until the process ends)
         if resumed:  # the settings the run continues with, for the next resume (this command's are in .hydra/resume)
-            (output_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+            with atomic_open(output_dir / ".hydra" / "config.yaml") as f:  # replaces, never writes through a link
+                f.write(OmegaConf.to_yaml(cfg).encode())
     if cfg.get("extras", {}).get("print_config"):
         import rich
         from rich.syntax import Syntax

@@ -16,13 +16,17 @@ import yaml
 from omegaconf import OmegaConf
 
 from digit_lightning.checkpoint import CheckpointError, check_resumable, load_checkpoint
-from digit_lightning.cli import EXIT_USER_ERROR, compose_config
+from digit_lightning.cli import EXIT_USER_ERROR, compose_config, instantiate_group
+from digit_lightning.export import ExportError, export
+from digit_lightning.models import ModelError, build_net
 from digit_lightning.module import DigitClassifier
-from digit_lightning.runs import ResumeError, saved_config
+from digit_lightning.runs import ResumeError, lock_run_dir, refuse_links, resume_dir, resumed_config
+from digit_lightning.sweep_report import write_report
 from digit_lightning.train import train
 
 TOUCH = "digit_lightning.data.mnist.Path.touch"  # reachable through a module attribute: the old allow-list's hole
 WRITE = "digit_lightning.data.mnist.Path.write_text"
+DATA = Path(os.environ.get("DIGIT_LIGHTNING_DATA", Path(__file__).resolve().parent.parent / "data")).resolve()
 
 
 def gadgets(marker: Path) -> dict[str, dict]:
@@ -112,19 +116,22 @@ def planted_run(small_checkpoint: Path, root: Path, edit) -> Path:
         ("logger", lambda m: {"tensorboard": {"_target_": WRITE, "self": str(m), "data": "x"}}),
         ("trainer", lambda m: {"plugins": [{"_target_": "builtins.exec", "_args_": [f"open('{m}','w')"]}]}),
         ("callbacks", lambda m: {"y": {"_target_": "lightning.pytorch.callbacks.ModelCheckpoint", "_args_": [str(m)]}}),
+        ("callbacks", lambda m: {"model_checkpoint": {"_target_": TOUCH, "_args_": [str(m)]}}),
     ],
 )
-def test_planted_run_dir_config_is_refused(small_checkpoint, tmp_path: Path, where: str, node):
+def test_planted_targets_in_a_run_dir_config_are_never_taken(base_run, tmp_path: Path, where: str, node):
+    """Targets come from the package's config for the run's recorded choices, never from its config.yaml."""
     marker = tmp_path / "marker"
 
     def edit(cfg: dict, overrides: list[str]) -> None:
         section = cfg[where]
         section.update(node(marker)) if isinstance(section, dict) else None
 
-    run = planted_run(small_checkpoint[0], tmp_path, edit)
-    with pytest.raises(ResumeError) as error:
-        saved_config(run)
-    assert "\n" not in str(error.value) and "refusing" in str(error.value)
+    _, cfg = resume_planted(base_run, tmp_path, edit)
+    text = OmegaConf.to_yaml(cfg)
+    assert TOUCH not in text and WRITE not in text and "builtins" not in text and "_args_" not in text
+    assert cfg.callbacks.model_checkpoint._target_ == "lightning.pytorch.callbacks.ModelCheckpoint"
+    instantiate_group(cfg.callbacks), instantiate_group(cfg.logger)
     assert not marker.exists()
 
 
@@ -134,12 +141,12 @@ def test_training_from_a_planted_run_dir_runs_nothing(small_checkpoint, run_cli,
     marker = tmp_path / "marker"
 
     def plant_config(cfg: dict, overrides: list[str]) -> None:
-        cfg["callbacks"]["x"] = {"_target_": TOUCH, "_args_": [str(marker)]}
+        cfg["callbacks"]["x"] = f"${{oc.create:{{_target_: {TOUCH}, self: {marker}}}}}"
 
     bad = planted_run(small_checkpoint[0], tmp_path / "a", plant_config)
     result = run_cli("digit_lightning.train", f"ckpt_path={bad}", cwd=tmp_path / "a")
     assert result.returncode == EXIT_USER_ERROR and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "refusing" in result.stderr and not marker.exists()
+    assert "is an interpolation" in result.stderr and not marker.exists()
 
     def plant_overrides(cfg: dict, overrides: list[str]) -> None:
         overrides.append(f"+callbacks.x._target_={TOUCH}")
@@ -273,3 +280,146 @@ def test_crafted_training_states_are_refused_in_one_line(base_run, make_cfg, tmp
     with pytest.raises(CheckpointError, match=error) as raised:
         train(make_cfg(f"paths.output_dir={run}", f"ckpt_path={run}", "trainer.max_epochs=2", *RESUME))
     assert "\n" not in str(raised.value) and str(run) in str(raised.value)
+
+
+# --- A run dir's config is a stranger's input: rebuilt from the package's config, plain values only (issue 25) ---
+
+
+def resume_planted(base_run: Path, tmp_path: Path, edit, *typed: str):
+    """Plant a run dir (base_run's checkpoints, a .hydra/config.yaml that `edit` tampers with) and rebuild the
+    config a resume from it runs with."""
+    run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, edit)
+    typed = (f"ckpt_path={run}", "trainer=cpu", *RESUME, *typed)
+    cfg = compose_config([*typed, f"paths.data_dir={DATA}", f"paths.output_dir={tmp_path / 'new'}"])
+    return run, resumed_config(cfg, run, list(typed))
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("callbacks.evil", "${oc.create:{_target_: pathlib.Path.touch, self: MARKER}}"),
+        ("logger.evil", "${oc.create:{_target_: pathlib.Path.touch, self: MARKER}}"),
+        ("model.optimizer.betas", "${oc.create:{_target_: pathlib.Path.touch, self: MARKER}}"),
+        ("callbacks.evil", "${oc.create:{_target_: torch.load, f: PICKLE, weights_only: false}}"),
+        ("trainer.max_epochs", "${oc.env:HOME}"),
+    ],
+)
+def test_interpolations_in_a_run_dir_config_are_refused(base_run, tmp_path: Path, where: str, value: str):
+    """Reproducer 3: the raw YAML held no `_target_`, but `${oc.create:...}` would build one when resolved."""
+    marker = tmp_path / "PWNED"
+    torch.save({"x": Evil(marker)}, tmp_path / "evil.pkl")
+    value = value.replace("MARKER", str(marker)).replace("PICKLE", str(tmp_path / "evil.pkl"))
+
+    def edit(cfg: dict, overrides: list[str]) -> None:
+        node = cfg
+        for key in where.split(".")[:-1]:
+            node = node.setdefault(key, {}) if node.get(key) is not None else node.__setitem__(key, {}) or node[key]
+        node[where.rsplit(".", 1)[1]] = value
+
+    with pytest.raises(ResumeError, match=f"{where}=.* is an interpolation") as raised:
+        resume_planted(base_run, tmp_path, edit)
+    assert "\n" not in str(raised.value) and not marker.exists()
+
+
+def test_a_run_dir_config_cannot_move_where_the_run_writes(base_run, tmp_path: Path):
+    """Reproducer 4: checkpoint dirpath and filename, the logger's save_dir and an Optuna storage pointing outside
+    the run are not taken; the resumed run writes only inside its run dir. Targets come from the package."""
+    elsewhere = tmp_path / "elsewhere"
+
+    def edit(cfg: dict, overrides: list[str]) -> None:
+        cfg["callbacks"]["model_checkpoint"].update(dirpath=str(elsewhere), filename="../../../OUTSIDE_{epoch}")
+        cfg["logger"] = {"tensorboard": {**cfg["logger"]["tensorboard"], "save_dir": str(elsewhere)}}
+        cfg["callbacks"]["optuna_pruning"] = {"_target_": "digit_lightning.callbacks.pruning.OptunaPruning",
+                                              "storage": str(elsewhere / "j.log"), "trial": 0}  # fmt: skip
+        cfg["callbacks"]["resumable_run"]["dirpath"] = str(elsewhere)
+        cfg["trainer"]["default_root_dir"] = str(elsewhere)
+        cfg["data"]["batch_size"] = 32  # a plain setting: taken
+
+    run, cfg = resume_planted(base_run, tmp_path, edit, "trainer.max_epochs=2", "logger=tensorboard")
+    assert cfg.data.batch_size == 32 and "optuna_pruning" not in cfg.callbacks
+    assert cfg.callbacks.model_checkpoint.filename == "epoch_{epoch:03d}"
+    train(cfg)
+    assert not elsewhere.exists() and not list(tmp_path.rglob("OUTSIDE_*"))
+    assert (run / "checkpoints" / "epoch_001.ckpt").is_file() and list((run / "tensorboard").rglob("events.*"))
+
+
+def test_net_arguments_from_a_run_dir_are_bounded(base_run, tmp_path: Path):
+    """`hidden=10**13` in a run dir's config (model=fast) would allocate 32 PB: refused in one line when built."""
+
+    def edit(cfg: dict, overrides: list[str]) -> None:
+        cfg["model"]["net"] = {"name": "fast", "hidden": 10**13}
+
+    run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, edit)
+    (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"model": "fast"}}}}))
+    typed = [f"ckpt_path={run}", "model=fast"]
+    cfg = resumed_config(compose_config([*typed, f"paths.data_dir={DATA}"]), run, typed)
+    assert cfg.model.net.hidden == 10**13  # a plain value: taken, then bounded where the net is built
+    with pytest.raises(ModelError, match=r"model.net.hidden=10000000000000: out of range"):
+        build_net(**cfg.model.net)
+
+
+# --- Files in a run dir are never written through a planted link (issue 25, reproducer 5) ---
+
+
+@pytest.mark.parametrize("link", ["train.log", ".hydra/resume", ".hydra/config.yaml", "checkpoints/epoch_000.ckpt",
+                                  ".lock", "tensorboard"])  # fmt: skip
+def test_a_run_dir_holding_links_is_refused(base_run, tmp_path: Path, link: str):
+    """Hydra appends to train.log and writes .hydra/resume/ before any task code runs: such a run dir resumes in a
+    new dir (where the task refuses it in one line), and is never locked nor written."""
+    run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
+    victim = tmp_path / "victim"
+    victim.mkdir() if link in (".hydra/resume", "tensorboard") else victim.write_text("keep")
+    (run / link).unlink(missing_ok=True)
+    (run / link).symlink_to(run / link if link == ".lock" else victim)  # .lock: a link loop
+    assert resume_dir(str(run), str(tmp_path), "new") == "new"
+    for refuse in (refuse_links, lock_run_dir):
+        with pytest.raises(ResumeError, match=f"{link} is a symbolic link; a run dir holding links is refused"):
+            refuse(run)
+
+
+def test_a_lock_that_cannot_be_opened_is_one_line(tmp_path: Path):
+    (tmp_path / ".lock").mkdir()  # not a link, not a file
+    with pytest.raises(ResumeError, match=r"\.lock: cannot be locked"):
+        lock_run_dir(tmp_path)
+
+
+@pytest.mark.slow  # the CLI twin of test_a_run_dir_holding_links_is_refused
+def test_training_in_a_run_dir_with_a_linked_log_writes_nothing_through_it(base_run, run_cli, tmp_path: Path):
+    run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep\n")
+    (run / "train.log").symlink_to(victim)
+    result = run_cli("digit_lightning.train", f"ckpt_path={run}", cwd=tmp_path)
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
+    assert (
+        result.stderr.strip().splitlines() == [result.stderr.strip()]
+        and "train.log is a symbolic link" in result.stderr
+    )
+    assert victim.read_text() == "keep\n" and "Traceback" not in result.stdout + result.stderr
+
+
+def test_export_never_writes_through_a_linked_default_output(base_run, tmp_path: Path):
+    """`checkpoints/last.onnx` planted as a link: export's default output would overwrite the victim."""
+    shutil.copytree(base_run / "checkpoints", tmp_path / "checkpoints")
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    (tmp_path / "checkpoints" / "last.onnx").symlink_to(victim)
+    cfg = compose_config([f"ckpt_path={tmp_path}/checkpoints/last.ckpt", "format=onnx"], config_name="export")
+    with pytest.raises(ExportError, match="last.onnx is a symbolic link; refusing to write through it"):
+        export(cfg)
+    assert victim.read_text() == "keep"
+
+
+def test_sweep_report_replaces_a_linked_report_instead_of_writing_through_it(tmp_path: Path):
+    sweep = tmp_path / "multirun"
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["data.batch_size=32"]))
+    (sweep / "0" / "metrics.json").write_text('{"val/acc_best": 0.9}')
+    victims = {}
+    for name in ("sweep_report.csv", "sweep_report.md", "sweep_report.png"):
+        victims[name] = tmp_path / f"victim_{name}"
+        victims[name].write_text("keep")
+        (sweep / name).symlink_to(victims[name])
+    write_report(sweep)
+    for name, victim in victims.items():
+        assert victim.read_text() == "keep" and not (sweep / name).is_symlink() and (sweep / name).stat().st_size
