@@ -15,6 +15,7 @@ from digit_lightning.module import DigitClassifier
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "extras", "debug", "experiment", "hparams_search"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
 NEEDS_GPU = {("trainer", "gpu"), ("trainer", "ddp")}
+NEEDS_EXTRA = {("logger", "mlflow"): "mlflow", ("logger", "many"): "mlflow", ("logger", "wandb"): "wandb"}  # tracking
 
 
 def test_every_group_has_options():
@@ -25,6 +26,8 @@ def test_every_group_has_options():
 def test_option_composes_and_instantiates(make_cfg, group: str, option: str):
     if (group, option) in NEEDS_GPU and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
+    if (group, option) in NEEDS_EXTRA:
+        pytest.importorskip(NEEDS_EXTRA[group, option], reason="the `tracking` extra is not installed")
     cfg = make_cfg(f"{group}={option}")
     assert isinstance(hydra.utils.instantiate(cfg.data), L.LightningDataModule)
     assert isinstance(hydra.utils.instantiate(cfg.model, _convert_="all"), DigitClassifier)
