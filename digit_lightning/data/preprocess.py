@@ -7,6 +7,7 @@ with the training set's mean and std.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -26,23 +27,32 @@ class PreprocessError(ValueError):
     """An image that cannot be turned into a digit; its message is one line naming the file and the problem."""
 
 
-def load_gray(image: str | Path | Image.Image) -> np.ndarray:
-    """Open an image file (or take a PIL image) and return its gray levels in [0, 1] as a float32 HxW array.
+def load_gray(image: str | Path | Image.Image | bytes, max_pixels: int | None = None) -> np.ndarray:
+    """Open an image file (or take a PIL image, or an encoded image's bytes) and return its gray levels in [0, 1] as
+    a float32 HxW array.
 
-    Transparent pixels count as white paper; EXIF rotation (phone photos) is applied.
+    Transparent pixels count as white paper; EXIF rotation (phone photos) is applied. `max_pixels` refuses larger
+    images before decoding them (PIL's own limit, `Image.MAX_IMAGE_PIXELS`, applies in any case).
     """
-    name = str(image) if not isinstance(image, Image.Image) else "image"
+    name = image_name(image)
     try:
         with warnings.catch_warnings():
             # Above Image.MAX_IMAGE_PIXELS PIL only warns; a digit never needs that many pixels, so refuse.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             if isinstance(image, Image.Image):
                 img = image.copy()
+            elif isinstance(image, bytes):
+                if not image:
+                    raise PreprocessError(f"{name}: empty (0 bytes)")
+                with Image.open(io.BytesIO(image)) as opened:
+                    check_size(opened, name, max_pixels)
+                    img = opened.copy()
             else:
                 path = Path(image)
                 if path.is_file() and path.stat().st_size == 0:
                     raise PreprocessError(f"{name}: empty file (0 bytes)")
                 with Image.open(path) as opened:
+                    check_size(opened, name, max_pixels)
                     img = opened.copy()  # copy() decodes the whole file now, while it is open
             img = ImageOps.exif_transpose(img)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -74,6 +84,20 @@ def load_gray(image: str | Path | Image.Image) -> np.ndarray:
     if gray.size == 0:
         raise PreprocessError(f"{name}: image has no pixels")
     return gray
+
+
+def image_name(image: str | Path | Image.Image | bytes) -> str:
+    """How error messages name an image: its path, or `image` for one given in memory."""
+    return "image" if isinstance(image, (Image.Image, bytes)) else str(image)
+
+
+def check_size(image: Image.Image, name: str, max_pixels: int | None) -> None:
+    """Refuse an image with more than `max_pixels` pixels from its header alone, before it is decoded."""
+    width, height = image.size
+    if max_pixels is not None and width * height > max_pixels:
+        raise PreprocessError(
+            f"{name}: {width}x{height} is too many pixels for a digit (over {max_pixels:,}); resize it first"
+        )
 
 
 def to_mnist(gray: np.ndarray, name: str = "image") -> np.ndarray:
@@ -115,11 +139,16 @@ def to_mnist(gray: np.ndarray, name: str = "image") -> np.ndarray:
     return frame
 
 
-def preprocess_image(image: str | Path | Image.Image) -> torch.Tensor:
-    """The model's input for one image of a digit: a normalized 1x28x28 float tensor. Raises `PreprocessError`."""
-    name = str(image) if not isinstance(image, Image.Image) else "image"
-    frame = to_mnist(load_gray(image), name)
+def normalize(frame: np.ndarray) -> torch.Tensor:
+    """A 28x28 MNIST-style frame (ink 1, background 0) as the model's input: the 1x28x28 tensor normalized with the
+    training set's mean and std, as the data module normalizes the training images."""
     return ((torch.from_numpy(frame) - MNIST_MEAN) / MNIST_STD).unsqueeze(0)
+
+
+def preprocess_image(image: str | Path | Image.Image | bytes, max_pixels: int | None = None) -> torch.Tensor:
+    """The model's input for one image of a digit (a file, a PIL image or an encoded image's bytes): a normalized
+    1x28x28 float tensor. Raises `PreprocessError`."""
+    return normalize(to_mnist(load_gray(image, max_pixels), image_name(image)))
 
 
 def find_images(inputs: list[str | Path]) -> list[Path]:
