@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 # torch and torchvision are installed first and pinned, so that pip does not pick another build.
 TORCH ?= torch==2.14.1 torchvision==0.29.1
 STAMP := $(VENV)/.installed
+# The checkpoint `make serve` and `make bench-serve` use: last | <run dir> | <file.ckpt>
+CKPT ?= last
 
-.PHONY: install data train test test-full bench lint format tensorboard clean slurm-up slurm-down
+.PHONY: install data train test test-full bench lint format tensorboard clean slurm-up slurm-down serve bench-serve chromium
 
 install: $(STAMP)
 
@@ -30,6 +32,16 @@ test-full: install data  ## everything, as CI runs it (slow tests included; SLUR
 
 bench: data  ## tutorial script vs ours, plain PyTorch vs experiment=fast, import time, per-step logging cost (ARGS=--quick: a few minutes; --imports)
 	$(PY) bench/bench.py $(ARGS)
+
+serve: install  ## the model over HTTP on 127.0.0.1:8000 and a page to draw digits on (CKPT=last; ARGS=port=8080 ...)
+	$(PY) -m digit_lightning.serve ckpt_path=$(CKPT) $(ARGS)
+
+bench-serve: data  ## load test of `make serve` on 127.0.0.1: 8, then 32 clients for 30 s each, with the CPU model (CKPT=last)
+	$(PY) bench/serve_load.py --ckpt $(CKPT) $(ARGS)
+
+chromium:  ## Debian's chromium, for the browser test of the drawing page (root: installs it with apt-get if missing)
+	@command -v chromium >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
 
 lint: install
 	$(VENV)/bin/ruff check .

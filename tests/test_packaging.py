@@ -21,6 +21,7 @@ def test_wheel_ships_and_uses_its_configs(tmp_path: Path):
     wheel = next((tmp_path / "dist").glob("digit_lightning-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "digit_lightning/conf/train.yaml" in names
+    assert {"digit_lightning/conf/serve.yaml", "digit_lightning/draw.html"} <= set(names)  # serve and its page
     assert "hydra_plugins/digit_lightning_optuna/optuna_sweeper.py" in names  # hydra/sweeper=optuna
     assert "hydra_plugins/__init__.py" not in names  # a namespace package, shared with other Hydra plugins
 

@@ -273,3 +273,17 @@ def test_digits_drawn_with_the_mouse_in_chromium_are_recognized(server, tmp_path
     seen = np.array(seen).reshape(28, 28)  # the 28x28 image the model saw: light strokes on black
     assert seen.max() > 200 and seen[0].max() == seen[:, 0].max() == 0 and 40 < (seen > 0).sum() < 400
     assert cleared == ("", [""] * 10)
+
+
+@pytest.mark.slow
+def test_the_load_test_reports_no_errors_and_flat_memory(small_checkpoint):
+    spec = importlib.util.spec_from_file_location("serve_load", ROOT / "bench" / "serve_load.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--ckpt", str(small_checkpoint[0]), "--clients", "2", "6", "--seconds", "4", "--batch", "4"])
+    assert [(r["clients"], r["batch"]) for r in rows] == [(2, 4), (6, 4)]
+    for row in rows:
+        assert row["2xx"] == row["requests"] > 0 and row["4xx"] == row["5xx"] == row["failed"] == 0
+        assert row["p50_ms"] <= row["p99_ms"] and row["req_per_s"] > 0
+        assert row["rss_after"] < row["rss_before"] + 200  # MiB: no leak worth the name over a few hundred requests
+    assert rows[-1]["mean_batch"] > 1  # six clients at once: requests were batched
