@@ -13,6 +13,10 @@ FastAPI + uvicorn; LitServe was tried first (docs/serving.md says why it was not
 
 from __future__ import annotations
 
+from digit_lightning import cli
+
+cli.answer_help(__name__, "serve")  # before torch and FastAPI: help needs neither
+
 import asyncio
 import json
 import multiprocessing
@@ -33,7 +37,6 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from omegaconf import DictConfig
 from starlette.datastructures import UploadFile
 
-from digit_lightning import cli
 from digit_lightning.checkpoint import net_spec, read_checkpoint
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 from digit_lightning.data.preprocess import FRAME, PreprocessError, normalize, preprocess_image

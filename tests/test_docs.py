@@ -139,7 +139,7 @@ def help_text(module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caps
     return capsys.readouterr().out
 
 
-@pytest.mark.parametrize("module", ["train", "eval", "predict", "export"])
+@pytest.mark.parametrize("module", ["train", "eval", "predict", "export", "serve"])
 def test_hydra_entry_points_describe_themselves(module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
     """`--help` says what the command does, shows only its own groups and one example, and creates nothing."""
     text = help_text(module, tmp_path, monkeypatch, capsys)
@@ -157,7 +157,7 @@ HEAVY = ("torch", "lightning")
     [
         *(
             ["-m", f"digit_lightning.{m}", "--help"]
-            for m in ("train", "eval", "predict", "export", "data", "sweep_report")
+            for m in ("train", "eval", "predict", "export", "serve", "data", "sweep_report")
         ),
         ["-m", "digit_lightning.train", "--hydra-help"],
         # what the `digit-eval` console script runs: `from digit_lightning.eval import main`, with argv[0] its name

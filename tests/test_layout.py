@@ -77,7 +77,7 @@ def test_ground_floor_imports_nothing_above_it():
     assert graph["digit_lightning.errors"] == set()
     assert graph["digit_lightning"] == set()
     below_cli = [m for m, deps in graph.items() if "digit_lightning.cli" in deps]
-    entry_points = {"train", "eval", "predict", "export", "sweep_report", "data.__main__"}
+    entry_points = {"train", "eval", "predict", "export", "serve", "sweep_report", "data.__main__"}
     assert {m.removeprefix("digit_lightning.") for m in below_cli} <= entry_points, below_cli
 
 
