@@ -31,11 +31,17 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
 from omegaconf import DictConfig
-from starlette.datastructures import UploadFile
+
+try:  # the serve extra; without it the package still imports, and `serve` says what to install
+    import uvicorn
+    from fastapi import FastAPI, Request
+    from fastapi.responses import HTMLResponse, JSONResponse
+    from starlette.datastructures import UploadFile
+
+    MISSING = None
+except ImportError as e:
+    MISSING = e.name
 
 from digit_lightning.checkpoint import net_spec, read_checkpoint
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
@@ -321,6 +327,10 @@ def serve_worker(paths: list[str], settings: dict[str, Any], sock: socket.socket
 def serve(cfg: DictConfig) -> None:
     """Load the model, listen, print where, and serve until Ctrl-C or SIGTERM."""
     settings = check_settings(cfg)
+    if MISSING:
+        raise UsageError(
+            f"serving needs the serve extra ({MISSING} is not installed): pip install 'digit-lightning[serve]'"
+        )
     paths = checkpoint_paths(cfg.ckpt_path, cfg.log_dir)
     info = describe(paths, settings["tta"])
     load_model(paths, tta=settings["tta"])  # a bad checkpoint is one error line here, before listening

@@ -287,3 +287,17 @@ def test_the_load_test_reports_no_errors_and_flat_memory(small_checkpoint):
         assert row["p50_ms"] <= row["p99_ms"] and row["req_per_s"] > 0
         assert row["rss_after"] < row["rss_before"] + 200  # MiB: no leak worth the name over a few hundred requests
     assert rows[-1]["mean_batch"] > 1  # six clients at once: requests were batched
+
+
+@pytest.mark.slow
+def test_without_the_serve_extra_it_says_what_to_install(small_checkpoint, mnist_dir, tmp_path):
+    code = (  # None in sys.modules makes `import fastapi` fail, as on a core `pip install digit-lightning`
+        "import sys; sys.modules['fastapi'] = None; "
+        f"sys.argv = ['digit-serve', 'ckpt_path={small_checkpoint[0]}']; "
+        "from digit_lightning.serve import main; main()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: serving needs the serve extra (fastapi is not installed): pip install 'digit-lightning[serve]'"
+    ]
