@@ -173,6 +173,54 @@ def logging_cost(data_dir: str, steps: int, repeats: int) -> float:
     return statistics.median(a - b for a, b in zip(per_step[1], per_step[50], strict=True))
 
 
+def bare_step(data_dir: str, steps: int) -> dict[str, float]:
+    """CPU ms per step of the Digit net alone at batch 16 (channels-last, fused Adam, as `train` sets them up):
+    forward, backward, optimizer; no Lightning, no metrics: what a step cannot cost less than."""
+    from digit_lightning.data import MNISTTensors, load_mnist
+    from digit_lightning.models import build_net
+
+    net = build_net(name="digit").to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    data = MNISTTensors(*load_mnist(data_dir, train=True))
+    parts = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    for step in range(steps + 50):  # 50 warm-up steps
+        x, y = data.__getitems__(torch.randint(len(data), (tutorial.BATCH_SIZE,)).tolist())
+        t0 = time.process_time()
+        loss = torch.nn.functional.nll_loss(net(x), y)
+        t1 = time.process_time()
+        loss.backward()
+        t2 = time.process_time()
+        optimizer.step()
+        optimizer.zero_grad()
+        t3 = time.process_time()
+        if step >= 50:
+            for part, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2), strict=True):
+                parts[part] += seconds / steps * 1e3
+    return parts
+
+
+def step_profile(data_dir: str, steps: int) -> list[str]:
+    """Where a training step of `train` at the tutorial's settings spends its CPU time (bench/step_profile.py), and
+    the bare net's step beside it; Markdown lines."""
+    from step_profile import CPUProfiler
+
+    with tempfile.TemporaryDirectory() as tmp:
+        warmup = 50
+        profiled = ["+trainer.profiler._target_=step_profile.CPUProfiler", f"+callbacks.step_parts.warmup={warmup}",
+                    "+callbacks.step_parts._target_=step_profile.StepParts"]  # fmt: skip
+        ours_in_process(data_dir, tmp, (steps + warmup) * tutorial.BATCH_SIZE, *profiled)
+    parts = CPUProfiler.latest.report(steps)
+    bare = bare_step(data_dir, steps)
+    total = sum(ms for _, ms in parts)
+    lines = [f"| part of a step (`train experiment=tutorial`, batch 16, {steps} steps) | CPU ms/step | share |",
+             "| --- | ---: | ---: |"]  # fmt: skip
+    lines += [f"| {name} | {ms:.3f} | {ms / total:.0%} |" for name, ms in parts]
+    lines.append(f"| **whole step** | **{total:.2f}** | |")
+    lines.append(f"| the bare net, no Lightning: {', '.join(f'{k} {v:.2f}' for k, v in bare.items())} | "
+                 f"{sum(bare.values()):.2f} | |")  # fmt: skip
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=os.environ.get("DIGIT_LIGHTNING_DATA", str(ROOT / "data")))
@@ -180,6 +228,8 @@ def main() -> None:
     parser.add_argument("--imports", action="store_true", help="only the import-time ratio (5 interleaved pairs)")
     parser.add_argument("--quick", action="store_true", help="8,000 images at batch 16; no time-to-99%% commands")
     parser.add_argument("--whole", action="store_true", help="only the whole-command rows (no in-process rows)")
+    parser.add_argument("--profile", action="store_true", help="only where a training step's CPU time goes")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps that --profile measures")
     parser.add_argument("--smoke", action="store_true", help="seconds-long, no whole commands (tests)")
     args = parser.parse_args()
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
@@ -192,6 +242,14 @@ def main() -> None:
     device = device_name()
     load = os.getloadavg()[0]
     say(f"torch {torch.__version__} on {device}, load average {load:.1f}")
+    if args.profile:
+        torch.set_num_threads(ours_threads)
+        with contextlib.redirect_stdout(sys.stderr):
+            lines = step_profile(args.data, 50 if args.smoke else args.steps)
+        print(f"\nMeasured on {device}, torch {torch.__version__}, {ours_threads} CPU thread(s) (cpu_threads=auto); "
+              f"load average {load:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.\n")  # fmt: skip
+        print("\n".join(lines))
+        return
     lines = ["| measure | theirs | ours | ours is faster by |", "| --- | --- | --- | --- |"]
     imports = import_times(1 if args.smoke else args.repeats or (3 if args.quick else 5))
     names = list(IMPORTS)

@@ -144,6 +144,16 @@ class NoTips(logging.Filter):
         return "💡" not in str(record.msg)
 
 
+class NoPlannedEnd(logging.Filter):
+    """Drops Lightning's "`Trainer.fit` stopped: `max_epochs=N` reached." (or `max_steps=N`) from the console: the
+    planned end of a run, which Lightning logs while the progress bar is still drawn, so that it lands inside the
+    bar. The run's log file keeps it; the other reasons to stop (no batches, a stop request) still print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Keep every record but that one."""
+        return not str(record.msg).startswith("`Trainer.fit` stopped: `max_")
+
+
 THIRD_PARTY_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "torchmetrics")
 
 
@@ -173,6 +183,8 @@ def route_lightning_logs() -> None:
         logging.getLogger(name).propagate = True
     for handler in root.handlers:
         handler.addFilter(NoTips())
+        if not isinstance(handler, logging.FileHandler):
+            handler.addFilter(NoPlannedEnd())
 
 
 def answer_help(module: str, config_name: str) -> None:

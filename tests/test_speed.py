@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -170,6 +171,24 @@ def test_bench_smoke(mnist_dir: Path):
     assert "| images/s, batch 16, 320 images x 1, in one process at " in out
     assert "| cost of logging every step" in out and " ms/step |" in out
     assert "Measured on " in out and "cores" in out
+
+
+@pytest.mark.slow
+def test_bench_profile_splits_a_step_into_parts_that_add_up(mnist_dir: Path):
+    """`make bench ARGS=--profile`: CPU ms per step in forward, backward, optimizer, hooks, logging, data..."""
+    out = run_bench("bench/bench.py", "--profile", "--smoke", "--data", str(mnist_dir)).stdout
+    assert "Measured on " in out and "cores" in out  # the CPU model
+    rows = dict(re.findall(r"^\| ([^|*]+?) \| ([\d.]+) \| \d+% \|$", out, re.MULTILINE))
+    for part in ("data", "forward", "backward", "optimizer", "progress bar", "callback and module hooks", "logging"):
+        assert any(name.startswith(part) for name in rows), (part, out)
+    whole = float(re.search(r"\| \*\*whole step\*\* \| \*\*([\d.]+)\*\* \|", out).group(1))
+    assert sum(map(float, rows.values())) == pytest.approx(whole, abs=0.01 * len(rows))
+    bare = float(
+        re.search(
+            r"\| the bare net, no Lightning: forward [\d.]+, backward [\d.]+, optimizer [\d.]+ \| ([\d.]+) \|", out
+        ).group(1)
+    )
+    assert 0 < bare < whole  # the net's own step is part of ours
 
 
 @pytest.mark.slow

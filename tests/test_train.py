@@ -55,6 +55,9 @@ def test_cli_trains_and_prints_test_metrics(run_cli, tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Test on the official test set: test/loss=" in result.stdout + result.stderr
     assert (tmp_path / "run" / ".hydra" / "config.yaml").is_file()
+    # The planned end of fit goes to the run's log only: on the console it landed inside the progress bar.
+    assert "`Trainer.fit` stopped" not in result.stdout + result.stderr
+    assert "`Trainer.fit` stopped: `max_steps=1` reached." in (tmp_path / "run" / "train.log").read_text()
 
 
 @pytest.mark.slow  # the fast suite runs a real multirun in tests/test_readme.py

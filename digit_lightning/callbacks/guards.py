@@ -21,7 +21,7 @@ class FiniteLossGuard(Callback):
     weights it broke.
 
     Reading a value back from the device every step would stall a GPU's queue (a host sync per step), so each loss
-    is only folded into flags on the device; they are read back on the steps that log (every
+    is only kept (a reference: no device op per step); the losses are checked on the steps that log (every
     `trainer.log_every_n_steps`, where the logger syncs anyway), at the start of validation, at the end of each
     training epoch, and as the last thing before any checkpoint is written (ModelCheckpoint's, `last.ckpt` on
     SIGTERM): a broken loss never reaches a checkpoint. It raises rather than setting `trainer.should_stop`: a stop
@@ -36,11 +36,8 @@ class FiniteLossGuard(Callback):
     def _reset(self, start_step: int) -> None:
         self._start_step = start_step
         self._checked = 0  # batches that passed a check
-        # On the loss's device, made from the first loss: all losses finite so far; how many batches were all
-        # finite; the first non-finite loss.
-        self._finite: torch.Tensor | None = None
-        self._good: torch.Tensor | None = None
-        self._first_bad: torch.Tensor | None = None
+        # Each batch's loss since the last check, on its device: one list append per step, no device op.
+        self._losses: list[torch.Tensor] = []
         self._lrs: list[float] = []  # the lr of each batch since the last check, to report the first bad one's
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -48,17 +45,9 @@ class FiniteLossGuard(Callback):
         self._reset(start_step=trainer.global_step)
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        """Fold this loss into the device-side flags: no host sync."""
+        """Keep this loss for the next check: no device op, no host sync."""
         self._lrs.append(trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan"))
-        loss = loss.detach()
-        finite = torch.isfinite(loss).all()
-        if self._finite is None:
-            self._finite = torch.ones((), dtype=torch.bool, device=loss.device)
-            self._good = torch.zeros((), dtype=torch.long, device=loss.device)
-            self._first_bad = torch.zeros_like(loss)
-        self._first_bad = torch.where(self._finite & ~finite, loss, self._first_bad)
-        self._finite &= finite
-        self._good += self._finite
+        self._losses.append(loss.detach())
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -84,18 +73,20 @@ class FiniteLossGuard(Callback):
 
     def check(self, trainer: L.Trainer) -> None:
         """Raise `NonFiniteLossError` if any loss so far (on any rank) was NaN or inf; one host sync."""
-        bad = self._finite is not None and not bool(self._finite)
+        finite = torch.isfinite(torch.stack(self._losses)) if self._losses else None
+        bad = finite is not None and not bool(finite.all())
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):  # any rank: all ranks stop together
             self._checked += len(self._lrs)
             self._lrs.clear()
+            self._losses.clear()
             return
         if not bad:  # another rank saw it
             raise NonFiniteLossError("train/loss became NaN or inf on another process; " + self._advice(trainer))
-        good = int(self._good)
-        lr = self._lrs[good - self._checked]
-        step = self._start_step + good // max(1, trainer.accumulate_grad_batches)
+        first = int((~finite).nonzero()[0, 0])
+        lr = self._lrs[first]
+        step = self._start_step + (self._checked + first) // max(1, trainer.accumulate_grad_batches)
         raise NonFiniteLossError(
-            f"train/loss is {self._first_bad.item()} at epoch {trainer.current_epoch}, step {step} (lr {lr:g}); "
+            f"train/loss is {self._losses[first].item()} at epoch {trainer.current_epoch}, step {step} (lr {lr:g}); "
             f"stopped at step {trainer.global_step}, before a checkpoint of the broken weights, and "
             + self._advice(trainer)
         )

@@ -1,7 +1,7 @@
 """`MNISTDataModule`: a seeded train/val split of the 60,000 training images and the official 10,000-image test set.
 
-The images live in memory as uint8 tensors (on the GPU when training there) and a whole batch is cut, normalized
-and augmented in a few tensor ops: no per-image Python, PIL or worker processes.
+The images live in memory, normalized once, as float32 tensors (on the GPU when training there), and a whole batch
+is cut (and augmented) in a few tensor ops: no per-image Python, PIL or worker processes.
 """
 
 from __future__ import annotations
@@ -35,14 +35,19 @@ def random_affine(x: torch.Tensor, degrees: float, translate: float, scale: floa
 
 
 class MNISTTensors(Dataset):
-    """MNIST as uint8 tensors: a batch is cut by index and normalized in one tensor op.
+    """MNIST as tensors in their final form: normalized float32 Nx1x28x28 images and int64 labels, so that a batch
+    is two index ops (and the augmentation, if any). uint8 images are normalized once, here; float images are taken
+    as already normalized (another `MNISTTensors`' `images`, shared).
 
     `__getitems__` is what a DataLoader calls with a whole batch of indices; any sampler (shuffling, Lightning's
     DistributedSampler) still decides which indices a batch gets.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: dict | None = None) -> None:
-        self.images, self.labels, self.augment = images, labels, augment
+        if not images.is_floating_point():
+            # The same float ops, in the same order, as torchvision's ToTensor + Normalize: identical values.
+            images = images.unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
+        self.images, self.labels, self.augment = images, labels.long(), augment
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -53,11 +58,10 @@ class MNISTTensors(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> Batch:
         index = torch.as_tensor(indices, device=self.images.device)
-        # The same float ops, in the same order, as torchvision's ToTensor + Normalize: identical values.
-        x = self.images[index].unsqueeze(1).float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD)
+        x = self.images[index]
         if self.augment:
             x = random_affine(x, **self.augment, fill=-MNIST_MEAN / MNIST_STD)
-        return x, self.labels[index].long()
+        return x, self.labels[index]
 
 
 def stratified_folds(labels: torch.Tensor, num_folds: int, seed: int) -> torch.Tensor:
@@ -129,8 +133,9 @@ class MNISTDataModule(L.LightningDataModule):
             generator = torch.Generator().manual_seed(self.hparams.split_seed)
             n_val = self.hparams.val_size
             train, val = (s.indices for s in random_split(range(len(y)), [len(y) - n_val, n_val], generator=generator))
-        self.val_set = Subset(MNISTTensors(x, y), val)
-        self.train_set = Subset(MNISTTensors(x, y, self.augment), train)
+        images = MNISTTensors(x, y)  # normalized once; the train split shares its tensors
+        self.val_set = Subset(images, val)
+        self.train_set = Subset(MNISTTensors(images.images, images.labels, self.augment), train)
 
     @staticmethod
     def _loader(dataset: Dataset, batch_size: int, shuffle: bool = False) -> DataLoader:
