@@ -162,6 +162,7 @@ BAD = {  # name: (body, content type, status, words the error must contain)
     "truncated PNG": (truncated_png, "image/png", 400, "cannot decode"),
     "50 MB upload": (lambda: bytes(50 * 2**20), "image/png", 413, "over the limit"),
     "10,000x10,000 image": (lambda: png(Image.new("L", (10_000, 10_000), 255)), "image/png", 400, "too many pixels"),
+    "over max_pixels": (lambda: png(Image.new("L", (5000, 3000), 255)), "image/png", 400, "5000x3000 is too many"),
     "wrong content type": (lambda: b"x" * 100, "text/plain", 415, "content type text/plain"),
     "JSON of the wrong shape": (lambda: json.dumps([[0] * 28] * 27).encode(), "application/json", 400, "27x28"),
     "JSON with NaN": (
