@@ -163,3 +163,34 @@ def test_wandb_offline_run_reads_back_from_its_files(make_cfg, tmp_path: Path):
     (test_image,) = [row[key][0] for row in history for key in row if key == "test/confusion_matrix/filenames"]
     assert next(tmp_path.glob("wandb/offline-run-*/files")).joinpath(test_image).stat().st_size > 1000
     assert summary["test/acc"] == pytest.approx(metrics["test/acc"])
+
+
+@pytest.mark.slow
+def test_a_sweep_is_one_experiment_and_one_group_with_jobs_named_as_in_tensorboard(run_cli, tmp_path: Path):
+    """`-m` with 2 learning rates and TensorBoard, MLflow and W&B at once: one MLflow experiment and one W&B group for
+    the sweep, each job a run named as its TensorBoard run, with its config among the MLflow artifacts."""
+    pytest.importorskip("wandb", reason="the `tracking` extra is not installed")
+    sweep = tmp_path / "logs/train/multiruns/sweep"
+    result = run_cli(
+        "digit_lightning.train", "-m", "logger=[many,wandb]", "model.optimizer.lr=1e-3,3e-3", *TINY,
+        "trainer.max_epochs=1", "test=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = {"lr=0.001", "lr=0.003"}
+    tensorboard = [p.name for job in ("0", "1") for p in (sweep / job / "tensorboard").iterdir()]
+    assert sorted(tensorboard) == sorted(names)  # TensorBoard's run of each job: <job dir>/tensorboard/<name>/
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/logs/mlflow/mlflow.db")
+    experiment = client.get_experiment_by_name("train/sweep")
+    runs = client.search_runs([experiment.experiment_id])
+    assert {run.info.run_name for run in runs} == names
+    for run in runs:
+        files = set(artifacts(client, run.info.run_id))
+        assert {"config/config.yaml", "config/overrides.yaml", "metrics.json"} <= files
+        assert run.data.params["lr"] == run.info.run_name.removeprefix("lr=")
+
+    groups = {}
+    for job in ("0", "1"):
+        _, config, _ = wandb_records(sweep / job)
+        groups[config["_run"]["name"]] = config["_run"]["group"]
+    assert groups == dict.fromkeys(names, "train/sweep")  # a run of its own per job, one group
