@@ -1,9 +1,10 @@
 """Run directories: which checkpoint `ckpt_path` names, a run's saved config read back as data, one run per dir.
 
-`ckpt_path` takes a checkpoint file, a run dir (its `checkpoints/last.ckpt`), or `last`: the newest `last.ckpt`
-of any run under `paths.log_dir`. A resumed training continues in the run dir of its checkpoint (`hydra.run.dir`
-resolves to it) with the settings of that run's `.hydra/config.yaml`, which is loaded as *data*: it may only name
-`_target_`s that this package's own configs name, and the keys typed on the command line win.
+`ckpt_path` takes a checkpoint file, a run dir (its `checkpoints/last.ckpt`), a sweep dir (its newest job's), or
+`last`: the newest `last.ckpt` of a single run (not a sweep job) under `paths.log_dir`. A resumed training continues
+in the run dir of its checkpoint (`hydra.run.dir` resolves to it) with the settings of that run's
+`.hydra/config.yaml`, which is loaded as *data*: it may only name `_target_`s that this package's own configs name,
+and the keys typed on the command line win.
 """
 
 from __future__ import annotations
@@ -40,18 +41,28 @@ class ResumeError(UserError):
     """A `ckpt_path` or run dir that cannot be used as asked; the message is one line with the fix."""
 
 
+def newest(found: list[Path]) -> Path:
+    """The most recently written of `found` (by mtime)."""
+    return max(found, key=lambda p: p.stat().st_mtime).resolve()
+
+
 def find_checkpoint(spec: str | Path, log_dir: str | Path = "logs") -> Path:
-    """Resolve a `ckpt_path` value: a file, a run dir (its last.ckpt) or `last` (the newest under `log_dir`)."""
+    """Resolve a `ckpt_path` value: a file, a run dir (its last.ckpt), a sweep dir (its newest job's last.ckpt) or
+    `last`: the newest single run's (`<log_dir>/*/runs/*`; sweep jobs only when their sweep dir is named)."""
     if str(spec) == "last":
-        patterns = (f"*/runs/*/checkpoints/{LAST}", f"*/multiruns/*/*/checkpoints/{LAST}")
-        found = [p for pattern in patterns for p in Path(log_dir).glob(pattern)]
-        if not found:
-            raise ResumeError(f"ckpt_path=last: no run under {log_dir}/ has checkpoints/{LAST}; train a run first")
-        return max(found, key=lambda p: p.stat().st_mtime).resolve()
+        found = list(Path(log_dir).glob(f"*/runs/*/checkpoints/{LAST}"))
+        if found:
+            return newest(found)
+        sweeps = sorted(Path(log_dir).glob(f"*/multiruns/*/*/checkpoints/{LAST}"), key=lambda p: p.stat().st_mtime)
+        hint = f"; for a sweep's job, name its sweep dir: ckpt_path={sweeps[-1].parents[2]}" if sweeps else ""
+        raise ResumeError(f"ckpt_path=last: no run under {log_dir}/ has checkpoints/{LAST}; train a run first{hint}")
     path = Path(spec).expanduser()
     for candidate in (path, path / "checkpoints" / LAST, path / LAST):
         if candidate.is_file():
             return candidate.resolve()
+    jobs = list(path.glob(f"*/checkpoints/{LAST}")) if path.is_dir() else []
+    if jobs:  # a sweep dir: its newest job
+        return newest(jobs)
     raise ResumeError(f"ckpt_path={spec}: no such checkpoint file or run dir with checkpoints/{LAST}")
 
 

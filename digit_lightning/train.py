@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import hydra
@@ -67,14 +68,25 @@ def train(cfg: DictConfig) -> dict[str, float]:
         log.info(f"Resuming from {ckpt_path}")
     elif ckpt_path := runs.requeued_checkpoint(cfg.paths.output_dir):
         log.info(f"SLURM requeued this job: resuming from {ckpt_path}")
+    start_step = None  # the step a resumed fit starts at
     if ckpt_path is not None:  # Lightning gets a checkpoint rebuilt from the file's validated pieces, not the file
-        ckpt_path = resume.hand_over(trainer, ckpt_path, resume.for_fit(ckpt_path, model, trainer))
+        checkpoint = resume.for_fit(ckpt_path, model, trainer)
+        start_step = checkpoint["global_step"]
+        ckpt_path = resume.hand_over(trainer, ckpt_path, checkpoint)
     if cfg.get("train"):
         log.info(summary(cfg))
-        try:
-            trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
-        except MisconfigurationException as e:
-            raise trainer_error(e, cfg) from e
+        with warnings.catch_warnings():
+            own_dir = (Path(cfg.paths.output_dir) / "checkpoints").resolve()
+            if start_step is not None and Path(ckpt_path).parent == own_dir:
+                # A resumed run's checkpoint dir holds its own checkpoints, by design; Lightning warns about any
+                # non-empty one, for fear of mixing two runs' files.
+                warnings.filterwarnings("ignore", "Checkpoint directory .* exists and is not empty")
+            try:
+                trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+            except MisconfigurationException as e:
+                raise trainer_error(e, cfg) from e
+        if start_step is not None and trainer.global_step == start_step and not trainer.interrupted:
+            log.warning(finished(cfg, Path(ckpt_path), trainer))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     best_so_far = float(model.val_acc_best.max_value)  # restored from the checkpoint when fit had nothing left to do
     if "val/acc_best" not in metrics and math.isfinite(best_so_far):
@@ -108,6 +120,22 @@ def train(cfg: DictConfig) -> dict[str, float]:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         log_outputs(trainer.loggers, cfg.paths.output_dir, best or None)  # MLflow, W&B: artifacts, the model
     return metrics
+
+
+def finished(cfg: DictConfig, ckpt_path: Path, trainer: L.Trainer) -> str:
+    """What a resume of a run that had already finished says: nothing trained, and the command that extends it."""
+    run = (
+        ckpt_path.parent.parent if ckpt_path.name == runs.LAST and ckpt_path.parent.name == "checkpoints" else ckpt_path
+    )
+    t = cfg.trainer
+    if t.get("max_steps", -1) not in (-1, None) and trainer.global_step >= t.max_steps:
+        limit, more = f"trainer.max_steps={t.max_steps}", f"trainer.max_steps={2 * t.max_steps}"
+    else:
+        limit, more = f"trainer.max_epochs={t.max_epochs}", f"trainer.max_epochs={2 * t.max_epochs}"
+    return (
+        f"{run} is finished: it reached {limit} (trained {trainer.current_epoch} epochs, {trainer.global_step} steps); "
+        f"nothing left to train. To train it longer: {runs.resume_command(run)} {more}"
+    )
 
 
 def write_metrics(path: Path, metrics: dict[str, float], trainer: L.Trainer) -> None:

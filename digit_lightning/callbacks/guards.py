@@ -93,7 +93,8 @@ class FiniteLossGuard(Callback):
 
     @staticmethod
     def _advice(trainer: L.Trainer) -> str:
-        ckpt = trainer.checkpoint_callback
-        saved = (ckpt.last_model_path or ckpt.best_model_path) if ckpt else ""
+        saved = ""  # the newest checkpoint: last.ckpt (conf/callbacks: the ModelCheckpoint without a monitor)
+        for ckpt in sorted(trainer.checkpoint_callbacks, key=lambda c: c.monitor is not None):
+            saved = saved or ckpt.last_model_path or ckpt.best_model_path
         kept = f"the last good checkpoint {saved} is intact" if saved else "no checkpoint had been saved yet"
         return f"{kept}; lower model.optimizer.lr or clip gradients with +trainer.gradient_clip_val=1.0"

@@ -40,7 +40,8 @@ def _set_rng_states(states: dict[str, Any]) -> None:
 
 class ResumableRun(L.Callback):
     """Makes fit resumable: RNG states ride in every checkpoint (the data order after a resume is the same),
-    and SIGTERM or Ctrl-C during fit saves `<dirpath>/last.ckpt` and prints the command that resumes it.
+    SIGTERM or Ctrl-C during fit saves `<dirpath>/last.ckpt` and prints the command that resumes it, and so does a
+    fit that ends between epoch ends (the epoch-end `last.ckpt` comes from a ModelCheckpoint without a monitor).
     """
 
     def __init__(self, dirpath: str | None = None) -> None:
@@ -48,6 +49,7 @@ class ResumableRun(L.Callback):
         self.saved: Path | None = None
         self._validation_cut_off = False
         self._rng_after_validation: dict[str, Any] | None = None
+        self._saved_step: int | None = None  # the global step of the newest checkpoint written
 
     def state_dict(self) -> dict[str, Any]:
         """The random-number generators' states, saved in every checkpoint."""
@@ -71,6 +73,19 @@ class ResumableRun(L.Callback):
         """A checkpoint saved in the middle of fit's validation makes the resumed run validate again, in full."""
         if self._validation_cut_off:
             restart_validation(checkpoint)
+        self._saved_step = trainer.global_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A resumed fit starts at a step its checkpoint holds."""
+        self._saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A fit that ended between epoch ends (`trainer.max_steps`): save `last.ckpt`, the newest state."""
+        if self._saved_step != trainer.global_step and not trainer.fast_dev_run:
+            trainer.save_checkpoint(self._last_path(trainer))
+
+    def _last_path(self, trainer: L.Trainer) -> Path:
+        return (Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints") / LAST).resolve()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         """On SIGTERM or Ctrl-C during fit: save `last.ckpt` and log the command that resumes the run."""
@@ -78,8 +93,7 @@ class ResumableRun(L.Callback):
             return
         if not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
-        dirpath = Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints")
-        self.saved = (dirpath / LAST).resolve()
+        self.saved = self._last_path(trainer)
         self._validation_cut_off = trainer.validating  # fit's validation (Lightning stops it between batches)
         trainer.save_checkpoint(self.saved)  # every rank calls it (it synchronizes); rank 0 writes
         self._validation_cut_off = False
