@@ -56,6 +56,7 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "flush_denormal": (_bool, "true or false"),
     "train": (_bool, "true or false"),
     "test": (_bool, "true or false"),
+    "run_model": (lambda v: v in ("auto", "last", "best"), "auto, last or best"),
     "extras.print_config": (_bool, "true or false"),
     "tta": (_bool, "true or false"),
     "trainer.max_epochs": (lambda v: v is None or _int(-1)(v), "a whole number >= 0 (-1: no limit), or null"),

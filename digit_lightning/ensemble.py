@@ -24,7 +24,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.module import DigitClassifier
-from digit_lightning.runs import ResumeError, find_checkpoint
+from digit_lightning.runs import ResumeError, run_model
 
 # The image itself and one-pixel shifts in the four directions. MNIST digits sit in a 20x20 box with a 4-pixel
 # background margin, so rolling by one pixel only moves background around the border.
@@ -68,11 +68,12 @@ class Ensemble(nn.Module):
 
 
 def checkpoint_paths(spec: Any, log_dir: str | Path = "logs") -> list[Path]:
-    """`ckpt_path` as a list of checkpoint files: one value (file, run dir, `last`) or a list of them."""
+    """`ckpt_path` as a list of checkpoint files: one value (file, run dir, `last`) or a list of them; a run stands for
+    its model (`runs.run_model`)."""
     items = list(spec) if isinstance(spec, (list, tuple, ListConfig)) else [spec]
     if not items or any(item in (None, "") for item in items):
         raise ResumeError("ckpt_path is empty; pass a checkpoint, or a list of them: 'ckpt_path=[a.ckpt,b.ckpt]'")
-    return [find_checkpoint(str(item), log_dir) for item in items]
+    return [run_model(str(item), log_dir) for item in items]
 
 
 def load_model(

@@ -291,16 +291,17 @@ def hand_over(trainer: L.Trainer, path: str | Path, checkpoint: dict[str, Any]) 
     return str(path)
 
 
-def tested_checkpoint(trainer: L.Trainer) -> str:
-    """The best checkpoint of this run, which the test after fit loads: a file its ModelCheckpoint wrote in this
-    run's checkpoints dir, or "" (then the test uses the weights in memory)."""
-    callback = trainer.checkpoint_callback
+def tested_checkpoint(trainer: L.Trainer, final: bool = False) -> str:
+    """The run's model, which the test after fit loads: `last.ckpt` (the ModelCheckpoint without a monitor) when
+    `final`, else the best val/acc checkpoint; a file that callback wrote in this run's checkpoints dir, or "" (then
+    the test uses the weights in memory)."""
+    callback = next((c for c in trainer.checkpoint_callbacks if (c.monitor is None) == final), None)
     best = callback.best_model_path if callback is not None and callback.dirpath is not None else ""
     if not best:
         return ""
     directory = Path(os.path.realpath(callback.dirpath))
     found = checkpoint_file(best, directory)
     if found is None or Path(os.path.realpath(Path(best).parent)) != directory:
-        log.warning(f"The best checkpoint {best} is not a file of this run's checkpoints dir; testing the weights")
+        log.warning(f"The checkpoint {best} is not a file of this run's checkpoints dir; testing the weights")
         return ""
     return found

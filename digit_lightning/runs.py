@@ -66,6 +66,35 @@ def find_checkpoint(spec: str | Path, log_dir: str | Path = "logs") -> Path:
     raise ResumeError(f"ckpt_path={spec}: no such checkpoint file or run dir with checkpoints/{LAST}")
 
 
+def final_weights_are_the_model(cfg: DictConfig) -> bool:
+    """The selection rule (docs/resume.md, "Which checkpoint is the run's model"): `run_model=last` or `best`, or by
+    default (`auto`) the final weights when the run anneals them, with a one-cycle schedule (its lr ends near 0) or an
+    EMA of the weights, and the best val/acc epoch otherwise."""
+    choice = cfg.get("run_model", "auto")
+    if choice != "auto":
+        return choice == "last"
+    scheduler = OmegaConf.select(cfg, "model.scheduler._target_", default=None) or ""
+    callbacks = cfg.get("callbacks") or {}
+    ema = any(isinstance(c, DictConfig) and str(c.get("_target_", "")).endswith(".EMA") for c in callbacks.values())
+    return scheduler.endswith("OneCycleLR") or ema
+
+
+def run_model(spec: str | Path, log_dir: str | Path = "logs") -> Path:
+    """The checkpoint that is a run's model, for `ckpt_path` in eval, predict and export: a file as given; for a
+    run (`last`, a run dir, a sweep dir's newest job) its `last.ckpt` or its best epoch, by the run's own settings."""
+    ckpt = find_checkpoint(spec, log_dir)
+    run = run_dir_of(ckpt)
+    if Path(spec).expanduser().is_file() or ckpt.name != LAST or run is None:
+        return ckpt
+    if final_weights_are_the_model(saved_config(run)):
+        return ckpt
+    best = sorted((run / "checkpoints").glob("epoch_*.ckpt"))
+    if len(best) != 1:
+        raise ResumeError(f"{run}: its model is its best val/acc epoch, but checkpoints/ holds {len(best)} "
+                          "epoch_*.ckpt files; pass the one you mean as ckpt_path=<file>")  # fmt: skip
+    return best[0].resolve()
+
+
 def requeued_checkpoint(run_dir: str | Path) -> Path | None:
     """In a SLURM job that SLURM requeued (preemption, `scontrol requeue`, Lightning's auto-requeue on SIGUSR1), the
     checkpoint to go on from: the newer of `<run_dir>/checkpoints/last.ckpt` (saved on SIGTERM or at an epoch end) and

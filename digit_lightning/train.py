@@ -1,4 +1,4 @@
-"""Train the digit classifier, then test its best checkpoint: `python -m digit_lightning.train [overrides]`.
+"""Train the digit classifier, then test the run's model (`run_model`): `python -m digit_lightning.train [overrides]`.
 
 Hydra composes conf/train.yaml; `-m` runs a sweep, one run dir per job; `ckpt_path=last|<run dir>|<file>` resumes.
 """
@@ -95,13 +95,13 @@ def train(cfg: DictConfig) -> dict[str, float]:
     if cfg.get("test"):
         if trainer.is_global_zero and cfg.get("train"):  # what fit reached, should the test be interrupted
             write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, trainer)
-        best = resume.tested_checkpoint(trainer)
-        if best:
-            resume.hand_over(trainer, best, resume.for_test(best, model))
+        chosen = resume.tested_checkpoint(trainer, final=runs.final_weights_are_the_model(cfg))
+        if chosen:
+            resume.hand_over(trainer, chosen, resume.for_test(chosen, model))
         else:
-            log.warning("No best checkpoint was saved; testing the current weights.")
+            log.warning("No checkpoint was saved; testing the current weights.")
         try:
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+            trainer.test(model, datamodule=datamodule, ckpt_path=chosen or None, verbose=False)
         except MisconfigurationException as e:
             raise trainer_error(e, cfg) from e
         except SIGTERMException:
@@ -113,8 +113,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
             "Test on the official test set: "
             + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.startswith("test/"))
         )
-        if best:
-            log.info(f"Best checkpoint: {best}")
+        if chosen:
+            log.info(f"The run's model (tested): {chosen}")
     if trainer.is_global_zero:
         write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, trainer)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

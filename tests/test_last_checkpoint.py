@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digit_lightning.cli import compose_config
-from digit_lightning.runs import ResumeError, find_checkpoint
+from digit_lightning.runs import ResumeError, find_checkpoint, run_model
 from digit_lightning.train import train
 
 # 3 batches of 64 per epoch, validated on 2 batches of 1000; lr 1e-12: val/acc never improves after epoch 0.
@@ -41,8 +42,13 @@ def scalar_steps(run: Path, tag: str) -> list[int]:
     return [e.step for e in events.Scalars(tag)]
 
 
-def test_last_ckpt_is_the_final_epoch_when_val_acc_never_improves(mnist_dir: Path, tmp_path: Path):
-    run_in(tmp_path, "trainer.max_epochs=3")
+def test_last_ckpt_is_the_final_epoch_when_val_acc_never_improves(
+    mnist_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    with caplog.at_level(logging.INFO, logger="digit_lightning.train"):
+        run_in(tmp_path, "trainer.max_epochs=3", "test=true", "+trainer.limit_test_batches=1")
+    # One cycle: the run's model is its final weights (docs/resume.md), tested after fit.
+    assert f"The run's model (tested): {tmp_path / 'checkpoints' / 'last.ckpt'}" in caplog.messages
     ckpts = tmp_path / "checkpoints"
     assert saved_at(ckpts / "last.ckpt") == (2, 9)  # Lightning's save_last alone left epoch 0, step 3 here
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]  # the best is kept beside it
@@ -128,3 +134,26 @@ def test_ckpt_path_last_is_the_newest_single_run_and_a_sweep_dir_its_newest_job(
     assert find_checkpoint("last", tmp_path) == run
     assert find_checkpoint(sweep, tmp_path) == jobs[1]
     assert find_checkpoint(sweep / "0", tmp_path) == jobs[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "model"),
+    [
+        ([], "last.ckpt"),  # one cycle: the final weights
+        (["callbacks=ema", "model.scheduler=null"], "last.ckpt"),  # an EMA of the weights
+        (["model.scheduler=null"], "epoch_003.ckpt"),  # a constant lr: the best val/acc epoch
+        (["experiment=tutorial"], "epoch_003.ckpt"),
+        (["run_model=best"], "epoch_003.ckpt"),
+        (["model.scheduler=null", "run_model=last"], "last.ckpt"),
+    ],
+)
+def test_eval_predict_export_take_the_run_model_of_a_run(tmp_path: Path, overrides: list[str], model: str):
+    run = tmp_path / "train" / "runs" / "2026-01-01_00-00-00"
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose_config(overrides)))
+    (run / "checkpoints").mkdir()
+    for name in ("epoch_003.ckpt", "last.ckpt"):
+        (run / "checkpoints" / name).write_bytes(b"ckpt")
+    for spec in (run, "last", run.parent):  # a run dir, the newest run, a dir of runs (as a sweep dir)
+        assert run_model(spec, tmp_path) == (run / "checkpoints" / model).resolve()
+    assert run_model(run / "checkpoints" / "last.ckpt", tmp_path).name == "last.ckpt"  # a file is taken as given
