@@ -54,7 +54,7 @@ def test_last_ckpt_is_the_final_epoch_when_val_acc_never_improves(
     assert sorted(p.name for p in ckpts.iterdir()) == ["epoch_000.ckpt", "last.ckpt"]  # the best is kept beside it
     assert saved_at(ckpts / "epoch_000.ckpt") == (0, 3)
 
-    run_in(tmp_path / "steps", "trainer.max_epochs=3", "trainer.max_steps=7")  # fit ends inside epoch 2
+    run_in(tmp_path / "steps", "trainer.max_epochs=3", "+trainer.max_steps=7")  # fit ends inside epoch 2
     assert saved_at(tmp_path / "steps" / "checkpoints" / "last.ckpt") == (2, 7)
 
 
