@@ -66,17 +66,18 @@ def find_checkpoint(spec: str | Path, log_dir: str | Path = "logs") -> Path:
     raise ResumeError(f"ckpt_path={spec}: no such checkpoint file or run dir with checkpoints/{LAST}")
 
 
-def final_weights_are_the_model(cfg: DictConfig) -> bool:
+def final_weights_are_the_model(cfg: DictConfig | dict) -> bool:
     """The selection rule (docs/resume.md, "Which checkpoint is the run's model"): `run_model=last` or `best`, or by
     default (`auto`) the final weights when the run anneals them, with a one-cycle schedule (its lr ends near 0) or an
-    EMA of the weights, and the best val/acc epoch otherwise."""
-    choice = cfg.get("run_model", "auto")
+    EMA of the weights, and the best val/acc epoch otherwise. `cfg` is read as plain data (nothing is resolved)."""
+    tree = OmegaConf.to_container(cfg, resolve=False) if isinstance(cfg, DictConfig) else cfg
+    choice = tree.get("run_model", "auto")
     if choice != "auto":
         return choice == "last"
-    scheduler = OmegaConf.select(cfg, "model.scheduler._target_", default=None) or ""
-    callbacks = cfg.get("callbacks") or {}
-    ema = any(isinstance(c, DictConfig) and str(c.get("_target_", "")).endswith(".EMA") for c in callbacks.values())
-    return scheduler.endswith("OneCycleLR") or ema
+    scheduler = (tree.get("model") or {}).get("scheduler") or {}
+    callbacks = tree.get("callbacks") or {}
+    targets = [str(c.get("_target_", "")) for c in callbacks.values() if isinstance(c, dict)]
+    return str(scheduler.get("_target_", "")).endswith("OneCycleLR") or any(t.endswith(".EMA") for t in targets)
 
 
 def run_model(spec: str | Path, log_dir: str | Path = "logs") -> Path:
@@ -86,7 +87,8 @@ def run_model(spec: str | Path, log_dir: str | Path = "logs") -> Path:
     run = run_dir_of(ckpt)
     if Path(spec).expanduser().is_file() or ckpt.name != LAST or run is None:
         return ckpt
-    if final_weights_are_the_model(saved_config(run)):
+    tree = _read_yaml(run / ".hydra" / "config.yaml")
+    if not isinstance(tree, dict) or final_weights_are_the_model(tree):
         return ckpt
     best = sorted((run / "checkpoints").glob("epoch_*.ckpt"))
     if len(best) != 1:
