@@ -30,7 +30,7 @@ test: install data  ## the fast suite (~3 min on 2 cores): every module, real da
 test-full: install data  ## everything, as CI runs it (slow tests included; SLURM tests need `make slurm-up`)
 	$(PY) -m pytest $(ARGS)
 
-bench: data  ## tutorial script vs ours, plain PyTorch vs experiment=fast, import time, per-step logging cost (ARGS=--quick: a few minutes; --imports)
+bench: data  ## tutorial script vs ours, plain PyTorch vs experiment=fast, import time, per-step logging cost (ARGS=--quick: a few minutes; --imports; --profile: where a step's CPU time goes)
 	$(PY) bench/bench.py $(ARGS)
 
 serve: install  ## the model over HTTP on 127.0.0.1:8000 and a page to draw digits on (CKPT=last; ARGS=port=8080 ...)
