@@ -6,8 +6,8 @@ subprocesses timed from launch to exit (wall seconds, and CPU seconds, the stead
 Rows: import time (`--imports` alone prints just that); the tutorial's script vs ours at its settings (batch 16,
 1 epoch); `experiment=fast` vs bench/reference.py (time to 99%); per-step throughput in one process at the same
 thread count; the cost of logging every step. On a GPU machine the same commands run on the GPU (the table names
-the device). `--profile` prints only where a training step's CPU time goes (bench/step_profile.py), beside the bare net's
-step. `--quick` (a few minutes) cuts the tutorial comparison to 8,000 training images and leaves out the
+the device). `--profile` prints only where a training step's CPU time goes (bench/step_profile.py), beside the
+bare net's step. `--quick` (a few minutes) cuts the tutorial comparison to 8,000 training images and leaves out the
 time-to-99% commands; `--smoke` is a seconds-long check for the tests.
 """
 
