@@ -83,8 +83,8 @@ DISK_ERRNOS = {
     errno.ENOSPC: "free some space or write elsewhere",
     errno.EDQUOT: "free some space or write elsewhere",
     errno.EROFS: "write to a writable directory",
-    errno.EACCES: "write to a directory you may write to",
-    errno.EPERM: "write to a directory you may write to",
+    errno.EACCES: "fix its permissions or use another path",
+    errno.EPERM: "fix its permissions or use another path",
 }
 WHERE = "(training and eval: hydra.run.dir=... or paths.log_dir=...; export: output=...)"
 

@@ -323,7 +323,7 @@ def test_the_run_summary_reads_well(tmp_path: Path, overrides: list[str], expect
 CLI_CASES = {
     "train list": (["digit_lightning.train", "ckpt_path=[a.ckpt,b.ckpt]"], "error: ckpt_path=[a.ckpt,b.ckpt]: a "),
     "train 1.5": (["digit_lightning.train", "trainer.max_epochs=1.5"], "error: trainer.max_epochs=1.5: must be a "),
-    "train fraction": (["digit_lightning.train", *TINY, "+trainer.limit_val_batches=0.1", "logger=none"],
+    "train fraction": (["digit_lightning.train", *TINY[:3], "+trainer.limit_val_batches=0.1", "logger=none"],
                        "error: trainer: You requested to check 0.1 of the `val_dataloader`"),
     "predict +topk": (["digit_lightning.predict", "ckpt_path=x.ckpt", "inputs=[x.png]", "+topk=5"],
                       "error: topk=5: no such setting; did you mean top_k?"),
@@ -376,6 +376,18 @@ def test_two_sweeps_started_in_the_same_second_get_distinct_dirs(run_cli, tmp_pa
 def test_a_sweep_stopped_by_a_user_error_leaves_no_trial_running(run_cli, tmp_path: Path):
     """A job's one-line error ends the sweep (every job would fail the same way); its trial is told FAIL."""
     pytest.importorskip("optuna")
-    result = run_cli(*SEARCH, "data.batch_size=choice(0)", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
-    assert one_line(result) == "error: data.batch_size=0: must be an integer >= 1"
+    result = run_cli(*SEARCH, "model.optimizer.lr=choice(-1.0)", f"hydra.sweep.dir={tmp_path}/s", cwd=tmp_path)
+    assert one_line(result) == "error: model.optimizer.lr=-1.0: must be a finite number > 0"
     assert [t.state.name for t in stored_trials(tmp_path)] == ["FAIL"]
+
+
+def test_a_single_value_or_a_later_sweep_of_a_key_is_not_searched_twice():
+    """`choice(-1.0)` (one value) crashed Optuna's first trial with a KeyError; a plain `key=v` before a sweep of the
+    same key stayed in every job's overrides after the sampled value, and won."""
+    pytest.importorskip("optuna")
+    from hydra_plugins.digit_lightning_optuna.optuna_sweeper import search_space
+
+    space, fixed = search_space(
+        ["data.batch_size=64", "data.batch_size=choice(32,64)", "model.optimizer.lr=choice(-1.0)"]
+    )
+    assert list(space) == ["data.batch_size"] and fixed == ["model.optimizer.lr=-1.0"]

@@ -113,21 +113,25 @@ def distribution(override: Override) -> Any:
 
 def search_space(arguments: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """The distributions to sample (by key), and the overrides every trial gets as they are."""
-    from optuna.distributions import BaseDistribution
+    from optuna.distributions import BaseDistribution, CategoricalDistribution
 
     space: dict[str, Any] = {}
-    fixed: list[str] = []
+    fixed: dict[str, str] = {}  # key -> override; a later value of a key (the command line) wins, sweep or not
     for override in OverridesParser.create().parse_overrides(list(arguments)):
+        key = override.get_key_element()
         if override.is_delete() or override.is_add() or override.is_force_add():
-            fixed.append(override.input_line)
+            fixed[key] = override.input_line
             continue
         found = distribution(override)
+        if isinstance(found, BaseDistribution) and found.single():  # one value: nothing to search
+            found = found.choices[0] if isinstance(found, CategoricalDistribution) else found.low
         if isinstance(found, BaseDistribution):
-            space[override.get_key_element()] = found
+            space[key] = found
+            fixed.pop(key, None)
         else:
-            space.pop(override.get_key_element(), None)  # a later plain value (the command line) wins
-            fixed.append(f"{override.get_key_element()}={found}")
-    return space, fixed
+            space.pop(key, None)
+            fixed[key] = f"{key}={found}"
+    return space, list(fixed.values())
 
 
 def suggest(trial: Any, name: str, dist: Any) -> Any:
