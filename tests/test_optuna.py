@@ -93,7 +93,7 @@ def test_pruning_callback_reports_to_a_stored_trial_and_prunes(tmp_path: Path):
     callback.on_fit_start(SimpleNamespace(_accelerator_connector=SimpleNamespace(is_distributed=False)), None)
 
     def epoch(value: float, step: int) -> None:
-        trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/acc": torch.tensor(value)})
+        trainer = SimpleNamespace(sanity_checking=False, callback_metrics={"val/acc": torch.tensor(value)}, loggers=[])
         callback.on_validation_end(trainer, SimpleNamespace(current_epoch=step))
 
     epoch(0.7, 0)  # above the threshold: reported, not pruned
