@@ -8,14 +8,14 @@ STAMP := $(VENV)/.installed
 # The checkpoint `make serve` and `make bench-serve` use: last | <run dir> | <file.ckpt>
 CKPT ?= last
 
-.PHONY: install data train test test-full bench lint format tensorboard clean slurm-up slurm-down serve bench-serve chromium
+.PHONY: install data train test test-full bench lint format tensorboard notebook clean slurm-up slurm-down serve bench-serve chromium
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev]'  # dev includes the export, sweeps, slurm and tracking extras
+	$(PY) -m pip install --quiet -e '.[dev]'  # dev includes the export, sweeps, slurm, tracking and notebooks extras
 	touch $@
 
 data: install
@@ -60,6 +60,9 @@ slurm-down:
 
 tensorboard: install
 	$(PY) -m tensorboard.main --logdir logs
+
+notebook: data  ## JupyterLab on notebooks/ (the [notebooks] extra), on this machine only
+	$(PY) -m jupyterlab --notebook-dir=notebooks --ServerApp.ip=127.0.0.1 $(ARGS)
 
 clean:
 	rm -rf logs outputs multirun .pytest_cache .ruff_cache dist build

@@ -161,7 +161,6 @@ def quiet() -> None:
     """Filter, in this one place, the third-party warnings and tips that print on every run and say nothing."""
     for message in (
         ".*does not have many workers.*",  # the data is in memory: worker processes would only cost
-        r".*`torch\.jit\.trace(_method)?` is deprecated.*",  # TensorBoard's graph traces the model
         ".*LeafSpec.*",  # torch's pytree deprecation, raised inside Lightning and torchmetrics
         ".*The number of training batches .* is smaller than the logging interval.*",
         ".*The `srun` command is available on your system but is not used.*",  # a SLURM login node, not a job

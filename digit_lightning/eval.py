@@ -33,10 +33,11 @@ from torchmetrics.classification import (
 )
 
 from digit_lightning.callbacks.dashboards import Dashboards
+from digit_lightning.checkpoint import read_checkpoint
 from digit_lightning.config import validate_config
 from digit_lightning.ensemble import MemberScores, checkpoint_paths, ensemble_report, load_model, members, print_members
 from digit_lightning.runs import ResumeError
-from digit_lightning.tensorboard import log_class_table, logger_of
+from digit_lightning.tensorboard import checkpoint_hparams, log_class_table, log_hparams, log_run_summary, logger_of
 
 log = logging.getLogger(__name__)
 
@@ -140,12 +141,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[class_metrics, member_scores, Dashboards()],
         logger=cli.instantiate_group(cfg.get("logger")),
     )
+    params = checkpoint_hparams(ckpt_paths)
+    if params is not None:  # the evaluated run's settings: the eval is a row beside it in the HParams tab
+        log_hparams(trainer.loggers, params)
     scores = trainer.test(model, datamodule=datamodule, verbose=False)[0]
     result = report(str(ckpt_paths[0]), scores, class_metrics.compute())
     result.update(ensemble_report(ckpt_paths, cfg.get("tta", False), member_scores.compute()))
 
     if (tb := logger_of(trainer.loggers)) is not None:
         log_class_table(tb, result)  # the PR curves and the confusion matrix come from Dashboards
+        known = {k: float(v) for k, v in scores.items()}
+        if len(ckpt_paths) == 1:  # the best validation accuracy of the checkpoint's run, which it keeps
+            best = read_checkpoint(ckpt_paths[0])["state_dict"].get("val_acc_best.max_value")
+            known.update({"val/acc_best": float(best)} if best is not None and best.isfinite() else {})
+        log_run_summary(trainer.loggers, params or {"run": "eval"}, known, trainer.global_step)
         tb.experiment.flush()
 
     print_report(result)

@@ -23,7 +23,7 @@ import statistics
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import yaml
 from hydra.experimental.callback import Callback
@@ -31,6 +31,10 @@ from omegaconf import DictConfig
 
 from digit_lightning.atomic import atomic_open
 from digit_lightning.cli import EXIT_USER_ERROR, UserError
+from digit_lightning.names import short_value
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 METRIC_ORDER = ["val/acc_best", "test/acc", "test/loss", "val/acc", "val/loss", "train/acc", "train/loss"]
@@ -89,7 +93,10 @@ def build_table(
     A row is the job, its trial number and state (Optuna sweeps only), the swept values, then the metrics."""
     keys = sorted({k for j in jobs for k in j["overrides"]})
     swept = [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1]
-    found = {m for j in jobs for m in j["metrics"]} - {"epoch", "global_step"}
+    # Not results: the step counters, and LearningRateMonitor's last value of the schedule (`lr-Adam`, ~0 after
+    # a one-cycle schedule); a metric no job has a number for would be an empty column.
+    found = {m for j in jobs for m, v in j["metrics"].items() if isinstance(v, (int, float))}
+    found -= {"epoch", "global_step", *(m for m in found if m.startswith("lr-"))}
     metrics = [metric] + [m for m in METRIC_ORDER if m in found and m != metric]
     metrics += sorted(found - set(metrics))
     sign = -1.0 if direction == "maximize" else 1.0
@@ -105,28 +112,35 @@ def build_table(
     return swept, metrics, rows
 
 
-def plot(path: Path, jobs: list[dict[str, Any]], swept: list[str], metric: str) -> None:
-    """One panel per swept parameter: the metric of each job against that parameter's value."""
-    import matplotlib
+def plot(path: Path, jobs: list[dict[str, Any]], swept: list[str], metric: str) -> Figure:
+    """One panel per swept parameter: the metric of each job against that parameter's value. Numbers are on a
+    numeric axis, logarithmic when they span more than a decade (learning rates), labelled with 3 significant
+    digits; other values get one slot each. Drawn on a matplotlib `Figure` (no pyplot: the caller's backend stays),
+    which it returns."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullLocator
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, max(len(swept), 1), figsize=(4.5 * max(len(swept), 1), 3.6), squeeze=False)
+    panels = max(len(swept), 1)
+    fig = Figure(figsize=(4.5 * panels, 3.6), dpi=100)
+    axes = fig.subplots(1, panels, squeeze=False)
+    done = [j for j in jobs if j["metrics"].get(metric) is not None]
+    ys = [j["metrics"][metric] for j in done]
     for ax, key in zip(axes[0], swept or ["job"], strict=False):
-        done = [j for j in jobs if j["metrics"].get(metric) is not None]
         raw = [j["job"] if key == "job" else j["overrides"].get(key, "") for j in done]
-        ys = [j["metrics"][metric] for j in done]
         numbers = [_number(r) for r in raw]
-        numeric = bool(raw) and all(n is not None for n in numbers)
-        if numeric and len(set(numbers)) > 6:  # a search: a continuous axis
+        if key != "job" and raw and all(n is not None for n in numbers):
             ax.scatter(numbers, ys)
-            if min(numbers) > 0 and max(numbers) / min(numbers) >= 3:  # learning rates, batch sizes
+            distinct = sorted(set(numbers))
+            if distinct[0] > 0 and distinct[-1] / distinct[0] > 10:
                 ax.set_xscale("log")
-        else:  # a grid or categories: one evenly spaced slot per value, labelled as typed, in numeric order
-            labels = sorted(set(raw), key=lambda r: _number(r) or 0.0) if numeric else list(dict.fromkeys(raw))
+            if len(distinct) <= 6 and _well_apart(distinct, ax.get_xscale() == "log"):
+                ax.set_xticks(distinct)  # a grid or a few trials: a tick at each value tried
+                ax.xaxis.set_minor_locator(NullLocator())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: short_value(x)))
+        else:  # categories (or job numbers): one evenly spaced slot per value, labelled as typed
+            labels = list(dict.fromkeys(raw))
             ax.scatter([labels.index(r) for r in raw], ys)
-            ax.set_xticks(range(len(labels)), labels, rotation=20 if not numeric else 0)
+            ax.set_xticks(range(len(labels)), [short_value(v) for v in labels], rotation=20 if len(labels) > 4 else 0)
             ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.set_xlabel(key)
         ax.set_ylabel(metric)
@@ -134,11 +148,19 @@ def plot(path: Path, jobs: list[dict[str, Any]], swept: list[str], metric: str) 
     fig.suptitle(f"{metric} per job ({len(jobs)} jobs)")
     fig.tight_layout()
     save_figure(fig, path)
-    plt.close(fig)
+    return fig
+
+
+def _well_apart(values: list[float], log: bool) -> bool:
+    """Whether tick labels at `values` would not overlap: neighbours at least a tenth of the axis apart."""
+    points = [math.log10(v) for v in values] if log else values
+    span = points[-1] - points[0]
+    return span == 0 or all(b - a > span / 10 for a, b in zip(points, points[1:], strict=False))
 
 
 def _cell(value: Any) -> str:
-    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+    """A table cell: metrics (floats) to 4 decimals, swept values to 3 significant digits."""
+    return "" if value is None else f"{value:.4f}" if isinstance(value, float) else short_value(value)
 
 
 def load_study(sweep_dir: Path) -> Any | None:
@@ -186,10 +208,9 @@ OPTUNA_VIEWS = {  # file -> optuna.visualization.matplotlib function
 
 def plot_study(study: Any, sweep_dir: Path) -> list[str]:
     """Optuna's views of the whole study as PNGs in `sweep_dir`; returns the files written (a view that cannot be
-    drawn yet, e.g. importances before two trials complete, is a warning)."""
+    drawn yet, e.g. importances before two trials complete, is a warning). Optuna draws with pyplot: each figure is
+    closed once saved, and the backend is left as it is (headless, matplotlib picks Agg by itself)."""
     import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import optuna
     from optuna.visualization import matplotlib as views

@@ -1,16 +1,18 @@
 """What a run tells TensorBoard besides its curves and images: the HParams entry, the Custom Scalars layout, the
 net's graph, the name of a sweep job's run, and eval's per-class table.
 
-HParams shows a short, flat set of settings with readable names (`lr`, `batch_size`, ...) plus every key typed on
-the command line or swept, never Hydra's plumbing (`_target_`, `_partial_`, paths). Importing this module registers
-the `${sweep_job_name:}` resolver of conf/logger/tensorboard.yaml, which names a multirun job's TensorBoard run
-after what its sweep set (`lr=0.003` for `model.optimizer.lr=0.003`).
+HParams shows the same short, flat set of settings with readable names in every run (`run`, `lr`, `batch_size`, ...,
+`overrides`: the other keys typed or swept), never Hydra's plumbing (`_target_`, `_partial_`, paths), and the same
+metrics (METRICS). Importing this module registers the `${sweep_job_name:}` resolver of
+conf/logger/tensorboard.yaml, which names a multirun job's TensorBoard run after what its sweep set (`lr=3e-3` for
+`model.optimizer.lr=0.003`: digit_lightning.names).
 """
 
 from __future__ import annotations
 
 import inspect
 import re
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,8 @@ from lightning.pytorch import loggers as lightning_loggers
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+
+from digit_lightning.names import run_name, short_value
 
 # TensorBoard's Custom Scalars page: one chart per entry, each overlaying the tags its regexes match.
 LAYOUT = {
@@ -41,12 +45,13 @@ NOT_SETTINGS = ("hydra", "paths", "ckpt_path")  # where files go, not how a mode
 class TensorBoardLogger(lightning_loggers.TensorBoardLogger):
     """Lightning's TensorBoard logger with its tags grouped for TensorBoard's Time Series page, which sorts groups
     (the part of a tag before its first "/") by name and opens only the first two: `lr-Adam` becomes `train/lr`,
-    and Lightning's `epoch` is left out (`metric_names`). So `test` and `train` open, and nothing sorts before
-    them."""
+    and Lightning's `epoch` is left out (`metric_names`); so are the one-point `test/acc` and `test/loss`:
+    `log_run_summary` writes them with the run's other end-of-run values under `whole_run/`, which sorts last. So the
+    first screen shows curves, not a point per run."""
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Write `metrics` at `step` under `metric_names`."""
-        super().log_metrics(metric_names(metrics), step)
+        """Write `metrics` at `step` under `metric_names`, but `test/*` (one value per run: `log_run_summary`)."""
+        super().log_metrics({k: v for k, v in metric_names(metrics).items() if not k.startswith("test/")}, step)
 
 
 def metric_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -118,49 +123,124 @@ def _is_setting(key: str) -> bool:
     return parts[0] not in NOT_SETTINGS and parts[-1] not in PLUMBING and not parts[-1].endswith(("_dir", "_path"))
 
 
-def hparams(
-    cfg: DictConfig, overrides: Iterable[str] = (), choices: dict[str, str] | None = None
-) -> dict[str, int | float | str]:
-    """The flat HParams entry of a run: the curated settings, and each key set by `overrides` under its dotted name
-    (or its curated name: `model.optimizer.lr=...` is `lr`; a config group as its choice: `trainer=cpu` is `cpu`).
-    Typed keys come first: the HParams tab shows the first five columns until others are ticked. `choices`: the
-    config groups' choices, by default Hydra's for this run."""
-    curated = {name: _scalar(read(cfg)) for name, (_, read) in CURATED.items()}
-    if choices is None:
-        choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
-    typed: dict[str, Any] = {}
+# The HParams entry is the same set of keys in every run (train, sweep job, eval), so that TensorBoard's table and
+# Parallel Coordinates draw every run of a logs/ together: a run lacking a column is left out of the plot. What a
+# run does not have is NONE (a string) or MISSING (a metric).
+# The metric columns are written once per run, at its end, in a Time Series group of their own that sorts after
+# `train` and `val` (Time Series opens the first two groups): one point per run would otherwise crowd the curves.
+NONE, MISSING = "none", -1.0
+METRICS = {  # HParams metric column (as the table shows it) -> its tag
+    "val/acc_best": "whole_run/val_acc_best",
+    "test/acc": "whole_run/test_acc",
+    "test/loss": "whole_run/test_loss",
+}
+SHOWN = ("run", "lr", "batch_size", "weight_decay", "fold")  # the columns the table and the plot show by default
+
+
+def _fold(cfg: DictConfig) -> str:
+    folds = cfg.data.get("num_folds")
+    return f"{cfg.data.get('fold')} of {folds}" if folds else NONE
+
+
+def _typed(overrides: Iterable[str], choices: dict[str, str]) -> list[tuple[str, str]]:
+    """(key, value) of each setting `overrides` sets, a config group as its choice: what makes this run differ."""
+    pairs = []
     for override in OverridesParser.create().parse_overrides(list(overrides)):
         key = override.key_or_group
-        name = next((n for n, (path, _) in CURATED.items() if key == path or key.startswith(path + ".")), None)
-        if override.is_delete() or not (name or _is_setting(key)):
+        if override.is_delete() or not _is_setting(key):
             continue
-        if name is not None or key in curated:  # a curated setting (`model=digit` too): under its curated name
-            typed[name or key] = curated[name or key]
-        elif key in choices:  # a config group: experiment=fast, trainer=cpu
-            typed[key] = _scalar(choices[key])
-        else:
-            typed[key] = _scalar(OmegaConf.select(cfg, key, default=None))
-    return {**typed, **{k: v for k, v in curated.items() if k not in typed}}
+        value = choices.get(key) if key in choices else override.get_value_element_as_str()
+        pairs.append((key, str(value)))
+    return pairs
+
+
+def hparams(
+    cfg: DictConfig, overrides: Iterable[str] = (), choices: dict[str, str] | None = None, name: str | None = None
+) -> dict[str, int | float | str]:
+    """The flat HParams entry of a run, the same keys for every run: `run` (its short name, `name` or one built from
+    `overrides`), the curated settings, `experiment` and `fold` (NONE where unused), and `overrides`: every other
+    setting the command line or a sweep set, as one string (NONE if none). `choices`: the config groups' choices,
+    by default Hydra's for this run."""
+    if choices is None:
+        choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
+    typed = _typed(overrides, choices)
+    curated = [key for key, _ in CURATED.values()]
+    known = [(k, v) for k, v in typed  # what the other columns show: these alone name a single run
+             if k in ("experiment", "data.fold") or any(k == c or k.startswith(c + ".") for c in curated)]  # fmt: skip
+    others = [f"{k}={v}" for k, v in typed if (k, v) not in known and k != "data.num_folds"]
+    params: dict[str, int | float | str] = {"run": name or run_name(known) or "defaults"}
+    params.update({key: _scalar(read(cfg)) for key, (_, read) in CURATED.items()})
+    params["experiment"] = str(choices.get("experiment") or NONE)
+    params["fold"] = _fold(cfg)
+    params["overrides"] = " ".join(others)[:300] or NONE
+    return params
+
+
+def checkpoint_hparams(ckpt_paths: list[Path]) -> dict[str, int | float | str] | None:
+    """The HParams entry of an eval: its (first) checkpoint's run, named `eval <that run's name>`; None when the
+    checkpoint is no run's (a file copied elsewhere), or the run's settings cannot be read."""
+    from digit_lightning.runs import ResumeError, run_dir_of, saved_config
+
+    run_dir = run_dir_of(Path(ckpt_paths[0]).resolve())
+    if run_dir is None:
+        return None
+    try:
+        cfg = saved_config(run_dir)
+        overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
+        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
+        params = hparams(cfg, overrides, dict(hydra["runtime"]["choices"]))
+    except (ResumeError, OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError):
+        return None
+    named = sorted(p.name for p in (run_dir / "tensorboard").glob("*") if p.is_dir())  # a sweep job's run name
+    name = named[0] if named else str(params["run"]) if params["run"] != "defaults" else run_dir.name
+    members = f" +{len(ckpt_paths) - 1}" if len(ckpt_paths) > 1 else ""
+    return {**params, "run": f"eval {name}{members}"}
 
 
 @rank_zero_only  # other DDP ranks have no TensorBoard writer
-def log_hparams(loggers: Iterable[Logger], cfg: DictConfig) -> None:
-    """Record the run's `hparams` in every logger, and in TensorBoard as an HParams session of this run.
-
-    No experiment summary is written: without one, TensorBoard builds the table from every run's session, so its
-    columns are the union of all runs' settings, those that differ between runs shown first (a summary would be
-    taken from one arbitrary run, and say nothing of what differs). Its metric columns are then the runs' scalars
-    (val/acc_best, test/acc and test/loss among them)."""
+def log_hparams(loggers: Iterable[Logger], params: dict[str, Any]) -> None:
+    """Record `params` (an `hparams` entry) in every logger, and in TensorBoard as an HParams session of this run,
+    with the experiment summary that names the table's columns: every run writes the same one (same keys, same
+    METRICS), so whichever TensorBoard reads, it fits all runs. The SHOWN columns are marked as the ones that
+    differ, which TensorBoard shows first; the others are a tick away."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
     from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-    params = hparams(cfg, typed_overrides())
     for logger in loggers:
         logger.log_hyperparams(params)
         if isinstance(logger, lightning_loggers.TensorBoardLogger):
             _, session_start, session_end = hparams_summary(params, {})
+            infos = [api_pb2.HParamInfo(name=k, differs=k in SHOWN,
+                                        type=api_pb2.DATA_TYPE_FLOAT64 if isinstance(v, (int, float)) else
+                                        api_pb2.DATA_TYPE_STRING) for k, v in params.items()]  # fmt: skip
+            metrics = [api_pb2.MetricInfo(name=api_pb2.MetricName(tag=tag), display_name=name)
+                       for name, tag in METRICS.items()]  # fmt: skip
+            content = plugin_data_pb2.HParamsPluginData(
+                experiment=api_pb2.Experiment(hparam_infos=infos, metric_infos=metrics)
+            )
+            experiment = Summary(
+                value=[Summary.Value(tag=metadata.EXPERIMENT_TAG, metadata=metadata.create_summary_metadata(content))]
+            )
             writer = logger.experiment.file_writer  # SummaryWriter's public writer
-            writer.add_summary(session_start)
-            writer.add_summary(session_end)
+            for summary in (experiment, session_start, session_end):
+                writer.add_summary(summary)
+
+
+@rank_zero_only
+def log_run_summary(loggers: Iterable[Logger], params: dict[str, Any], metrics: dict[str, float], step: int) -> None:
+    """At the end of a run: its METRICS under their `whole_run/` tags, MISSING where the run has none (a sweep run
+    with `test=false`, a pruned trial), so that every run has every HParams column; and a `summary` card in the Text
+    tab: the run's name, its final metrics and its settings, one table."""
+    tb = logger_of(loggers)
+    if tb is None:
+        return
+    tb.log_metrics({tag: metrics.get(name, MISSING) for name, tag in METRICS.items()}, step)
+    rows = ["| | |", "|---|---|"]
+    rows += [f"| **{m}** | {metrics[m]:.4f} |" if m in metrics else f"| **{m}** | not measured |" for m in METRICS]
+    rows += [f"| {k} | {short_value(v)} |" for k, v in params.items()]
+    tb.experiment.add_text("summary", "\n".join(rows), global_step=step)
+    tb.experiment.flush()
 
 
 def write_layout(logger: lightning_loggers.TensorBoardLogger) -> None:
@@ -182,7 +262,9 @@ def _swept_keys(hydra: dict[str, Any]) -> set[str]:
 def add_net_graph(logger: lightning_loggers.TensorBoardLogger, net: torch.nn.Module, example: torch.Tensor) -> None:
     """The Graphs tab: the net (not the LightningModule around it) traced on `example`; its layers are one click
     away, inside the node named after the net's class."""
-    logger.experiment.add_graph(net, example)
+    with warnings.catch_warnings():  # here, not in cli.quiet(): joblib's worker processes trace too
+        warnings.filterwarnings("ignore", r".*`torch\.jit\.trace(_method)?` is deprecated.*", FutureWarning)
+        logger.experiment.add_graph(net, example)
 
 
 def in_sweep_job() -> bool:
@@ -191,8 +273,8 @@ def in_sweep_job() -> bool:
 
 
 def sweep_job_name() -> str:
-    """The `${sweep_job_name:}` resolver: what a multirun job's sweep gave it (`lr=0.003`), the name
-    TensorBoard shows for its run; "" for a single run. A resumed sweep job keeps its name: it is read from the
+    """The `${sweep_job_name:}` resolver: what a multirun job's sweep gave it (`lr=3e-3,bs=128`: names.run_name),
+    the name TensorBoard shows for its run; "" for a single run. A resumed sweep job keeps its name: it is read from the
     `.hydra/hydra.yaml` of the job's first start (a resumed run records its own command in `.hydra/resume/`)."""
     if not HydraConfig.initialized():
         return ""
@@ -208,10 +290,7 @@ def sweep_job_name() -> str:
     task = [(k, v) for k, v in task if _is_setting(k)]
     swept = _swept_keys(hydra)
     pairs = [(k, v) for k, v in task if k in swept] or task
-    # By the last part of each key (lr=0.003) when that is unambiguous: TensorBoard cuts long run names short.
-    short = [k.rsplit(".", 1)[-1] for k, _ in pairs]
-    keys = short if len(set(short)) == len(short) else [k for k, _ in pairs]
-    return ",".join(f"{k}={v}" for k, (_, v) in zip(keys, pairs, strict=True)).replace("/", "_")[:200] or "job"
+    return run_name(pairs).replace("/", "_")[:120] or "job"
 
 
 OmegaConf.register_new_resolver("sweep_job_name", sweep_job_name, replace=True)

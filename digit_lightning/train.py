@@ -28,7 +28,13 @@ from omegaconf import DictConfig, OmegaConf
 from digit_lightning import resume, runs
 from digit_lightning.atomic import atomic_open
 from digit_lightning.config import trainer_error, validate_config
-from digit_lightning.tensorboard import log_hparams  # also registers ${sweep_job_name:} (conf/logger)
+from digit_lightning.tensorboard import (  # also registers ${sweep_job_name:} (conf/logger)
+    hparams,
+    log_hparams,
+    log_run_summary,
+    sweep_job_name,
+    typed_overrides,
+)
 from digit_lightning.tracking import log_outputs  # also registers ${run_name:}, ${sweep_group:} (conf/logger)
 
 log = logging.getLogger(__name__)
@@ -60,7 +66,8 @@ def train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers)
     set_cpu_threads(cfg.get("cpu_threads"), trainer.num_devices)
     torch.set_flush_denormal(bool(cfg.get("flush_denormal", False)))
-    log_hparams(trainer.loggers, cfg)
+    params = hparams(cfg, typed_overrides(), name=sweep_job_name() or None)
+    log_hparams(trainer.loggers, params)
 
     ckpt_path = None
     if cfg.get("ckpt_path"):
@@ -85,6 +92,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
                 trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
             except MisconfigurationException as e:
                 raise trainer_error(e, cfg) from e
+            except Exception:  # e.g. a pruned Optuna trial: it still gets every HParams column (docs/dashboards.md)
+                so_far = {k: float(v) for k, v in trainer.callback_metrics.items()}
+                log_run_summary(trainer.loggers, params, so_far, trainer.global_step)
+                raise
         if start_step is not None and trainer.global_step == start_step and not trainer.interrupted:
             log.warning(finished(cfg, Path(ckpt_path), trainer))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -115,6 +126,7 @@ def train(cfg: DictConfig) -> dict[str, float]:
         )
         if chosen:
             log.info(f"The run's model (tested): {chosen}")
+    log_run_summary(trainer.loggers, params, metrics, trainer.global_step)
     if trainer.is_global_zero:
         write_metrics(Path(cfg.paths.output_dir) / "metrics.json", metrics, trainer)
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -10,6 +10,8 @@ exits 0 without touching the images. `--quick` trains on slices (a minute) inste
 from __future__ import annotations
 
 import argparse
+import base64
+import fcntl
 import json
 import os
 import shutil
@@ -22,15 +24,17 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# page (TensorBoard URL fragment) -> file in docs/images/, browser window size (tall enough for the test and train
-# groups that Time Series opens, wide enough for HParams' metric columns)
-PAGES = {
-    "timeseries": ("tensorboard_time_series.png", "1600,1750"),
-    "custom_scalars": ("tensorboard_custom_scalars.png", "1600,700"),
-    "hparams": ("tensorboard_hparams.png", "2000,650"),
-    "pr_curves": ("tensorboard_pr_curves.png", "1600,1000"),
-    "graphs": ("tensorboard_graph.png", "1100,950"),
-}
+# TensorBoard URL fragment, the tab to click there (or None), file in docs/images/, window height; all 1600 px wide
+PAGES = [
+    ("timeseries", None, "tensorboard_time_series.png", 1400),
+    ("custom_scalars", None, "tensorboard_custom_scalars.png", 700),
+    ("hparams", None, "tensorboard_hparams.png", 800),
+    ("hparams", "Parallel Coordinates View", "tensorboard_parallel_coordinates.png", 800),
+    ("text", None, "tensorboard_summary.png", 900),
+    ("pr_curves", None, "tensorboard_pr_curves.png", 1000),
+    ("graphs", None, "tensorboard_graph.png", 950),
+]
+WIDTH = 1600
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -43,15 +47,23 @@ def run(*args: str, logs: Path) -> None:
         raise SystemExit(f"error: {' '.join(args)} failed:\n{result.stderr[-3000:]}")
 
 
+TINY = ["+trainer.limit_train_batches=20", "+trainer.limit_val_batches=3", "+trainer.limit_test_batches=3",
+        "trainer.log_every_n_steps=5", "callbacks.progress_bar=null"]  # fmt: skip
+
+
 def make_runs(logs: Path, quick: bool) -> None:
-    """A training run, a 2-job lr sweep (on a slice: it is there to be compared) and an eval of the run."""
-    slice_ = ["+trainer.limit_train_batches=60", "+trainer.limit_val_batches=10", "trainer.log_every_n_steps=5"]
-    run("digit_lightning.train", "experiment=fast", *(slice_ if quick else []), logs=logs)
+    """What one `logs/` holds after a new user's first day: a training run, a 2-job lr grid, a 3-trial Optuna search,
+    a 3-fold cross-validation and an eval of the run (`quick`: each on a slice, a minute or two in all)."""
+    slice_ = TINY if quick else ["+trainer.limit_train_batches=200", "trainer.log_every_n_steps=10"]
+    run("digit_lightning.train", "experiment=fast", *(TINY if quick else []), logs=logs)
     trained = next(logs.glob("fast/runs/*"))
     run("digit_lightning.train", "-m", "experiment=fast", "model.optimizer.lr=1e-3,1e-2", "trainer.max_epochs=1",
-        "test=false", *(slice_ if quick else ["+trainer.limit_train_batches=200", "trainer.log_every_n_steps=10"]),
-        logs=logs)  # fmt: skip
-    run("digit_lightning.eval", f"ckpt_path={trained}", *(["+trainer.limit_test_batches=10"] if quick else []),
+        "test=false", *slice_, logs=logs)  # fmt: skip
+    run("digit_lightning.train", "hparams_search=mnist_optuna", "hydra.sweeper.n_trials=3", "trainer.max_epochs=2",
+        *slice_, logs=logs)  # fmt: skip
+    run("digit_lightning.train", "-m", "experiment=fast", "data.num_folds=3", "data.fold=0,1,2", "trainer.max_epochs=1",
+        *slice_, logs=logs)  # fmt: skip
+    run("digit_lightning.eval", f"ckpt_path={trained}", *(["+trainer.limit_test_batches=3"] if quick else []),
         logs=logs)  # fmt: skip
 
 
@@ -77,15 +89,108 @@ def wait_for_runs(url: str, logs: Path, timeout: float = 120) -> None:
     raise SystemExit(f"error: TensorBoard at {url} did not load all runs of {logs} in {timeout:.0f} s")
 
 
-def screenshot(browser: str, url: str, out: Path, size: str = "1600,1200") -> None:
-    """Render `url` in headless Chromium to `out` (a PNG), after 15 s of page time for TensorBoard to draw."""
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-             f"--screenshot={out}", f"--window-size={size}", "--virtual-time-budget=15000", url],
-            check=True, capture_output=True, timeout=180,
+class Browser:
+    """Headless Chromium driven over the DevTools protocol on a pipe (`--remote-debugging-pipe`: JSON messages
+    ending in a NUL byte on file descriptors 3 and 4), so that a page can be clicked before its screenshot."""
+
+    def __init__(self, executable: str, width: int, height: int) -> None:
+        self.profile = tempfile.TemporaryDirectory()
+        to_chrome_r, self.to_chrome = os.pipe()
+        self.from_chrome, from_chrome_w = os.pipe()
+        os.set_inheritable(to_chrome_r, True)
+        os.set_inheritable(from_chrome_w, True)
+
+        def fds() -> None:  # in the child: the pipe ends on descriptors 3 (commands) and 4 (replies)
+            high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in (to_chrome_r, from_chrome_w)]  # clear of 3 and 4
+            os.dup2(high[0], 3)
+            os.dup2(high[1], 4)
+
+        self.process = subprocess.Popen(
+            [executable, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--remote-debugging-pipe",
+             f"--user-data-dir={self.profile.name}", f"--window-size={width},{height}", "about:blank"],
+            preexec_fn=fds, pass_fds=(3, 4), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
-    print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", file=sys.stderr)
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        self.buffer, self.next_id = b"", 0
+        target = self.call("Target.createTarget", url="about:blank")["targetId"]
+        self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+
+    def call(self, method: str, **params: object) -> dict:
+        """Send one command (to the page once attached) and return its result."""
+        self.next_id += 1
+        message = {"id": self.next_id, "method": method, "params": params}
+        if getattr(self, "session", None):
+            message["sessionId"] = self.session
+        os.write(self.to_chrome, json.dumps(message).encode() + b"\0")
+        while True:
+            while b"\0" not in self.buffer:
+                chunk = os.read(self.from_chrome, 1 << 20)
+                if not chunk:
+                    raise SystemExit("error: Chromium closed its DevTools pipe")
+                self.buffer += chunk
+            raw, self.buffer = self.buffer.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.next_id:
+                if "error" in reply:
+                    raise SystemExit(f"error: Chromium: {method}: {reply['error']}")
+                return reply.get("result", {})
+
+    def evaluate(self, script: str) -> object:
+        """Run JavaScript in the page; its value."""
+        return self.call("Runtime.evaluate", expression=script, returnByValue=True).get("result", {}).get("value")
+
+    def open(self, url: str, settle: float = 8.0) -> None:
+        """Load `url` and give the page `settle` seconds to fetch and draw."""
+        self.call("Page.navigate", url=url)
+        time.sleep(settle)
+
+    def click(self, text: str, settle: float = 4.0) -> bool:
+        """Click the first element (shadow DOMs included) whose own text is `text`; whether there was one."""
+        found = self.evaluate(DEEP_FIND % json.dumps(text) + "; if (el) el.click(); !!el")
+        time.sleep(settle)
+        return bool(found)
+
+    def screenshot(self, out: Path) -> None:
+        """The page as it is now, to `out` (a PNG)."""
+        out.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        print(f"wrote {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", file=sys.stderr)
+
+    def close(self) -> None:
+        """Stop Chromium and remove its profile."""
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        os.close(self.to_chrome)
+        os.close(self.from_chrome)
+        self.profile.cleanup()
+
+
+# The deepest element, across shadow roots, whose text is exactly the one asked for (a tab, a button).
+DEEP_FIND = """
+const want = %s;
+const all = [];
+(function walk(root) {
+  for (const e of root.querySelectorAll('*')) { all.push(e); if (e.shadowRoot) walk(e.shadowRoot); }
+})(document);
+const el = all.filter(e => (e.innerText || e.textContent || '').trim().toUpperCase() === want.toUpperCase()).pop()
+"""
+
+
+def take_screenshots(executable: str, url: str, out: Path, pages: list[tuple] = PAGES) -> list[Path]:
+    """Each page of `pages` (fragment, tab to click, file, height) at WIDTH pixels, into `out`; the files written."""
+    written = []
+    for fragment, tab, name, height in pages:
+        browser = Browser(executable, WIDTH, height)
+        try:
+            browser.open(f"{url}/#{fragment}")
+            if tab is not None and not browser.click(tab):
+                raise SystemExit(f"error: no {tab!r} on TensorBoard's #{fragment} page")
+            browser.screenshot(out / name)
+            written.append(out / name)
+        finally:
+            browser.close()
+    return written
 
 
 def main() -> None:
@@ -115,8 +220,7 @@ def main() -> None:
     try:
         wait_for_runs(url, logs)
         args.out.mkdir(parents=True, exist_ok=True)
-        for page, (name, size) in PAGES.items():
-            screenshot(browser, f"{url}/#{page}", args.out / name, size)
+        take_screenshots(browser, url, args.out)
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -22,7 +22,8 @@ from tensorboard.plugins.hparams import backend_context, metadata
 
 from digit_lightning.callbacks.dashboards import Dashboards
 from digit_lightning.cli import compose_config
-from digit_lightning.tensorboard import PLUMBING, TensorBoardLogger, hparams
+from digit_lightning.names import run_name, short_value
+from digit_lightning.tensorboard import METRICS, NONE, PLUMBING, SHOWN, TensorBoardLogger, hparams
 from digit_lightning.train import train
 
 EVERYTHING = dict.fromkeys(("scalars", "images", "tensors", "histograms", "distributions", "audio", "graph"), 0)
@@ -53,9 +54,12 @@ def test_a_run_reads_as_tensorboard_shows_it(make_cfg, tmp_path: Path):
         "val/loss",
         "val/acc",
         "val/acc_best",
-        "test/loss",
-        "test/acc",
-    }, scalars  # fmt: skip  (lr-Adam is train/lr; Lightning's `epoch` is left out)
+        "whole_run/val_acc_best",
+        "whole_run/test_acc",
+        "whole_run/test_loss",
+    }, scalars  # fmt: skip  (lr-Adam is train/lr; Lightning's `epoch` is left out; test/* is a whole-run value)
+    for name, tag in METRICS.items():  # one point per run, at its end (24 steps)
+        assert [(e.step, round(e.value, 6)) for e in events.Scalars(tag)] == [(24, round(metrics[name], 6))], tag
 
     # A point every log_every_n_steps steps: the mean over the 4 steps up to it, at Lightning's global step.
     assert steps(events, "train/loss") == steps(events, "train/acc") == [3, 7, 11, 15, 19, 23]
@@ -74,11 +78,17 @@ def test_a_run_reads_as_tensorboard_shows_it(make_cfg, tmp_path: Path):
         assert all(any(re.search(p, tag) for tag in scalars) for p in patterns), title
 
     content = events.PluginTagToContent("hparams")
-    assert "_hparams_/experiment" not in content  # TensorBoard then builds the table from all runs (see below)
+    experiment = metadata.parse_experiment_plugin_data(content[metadata.EXPERIMENT_TAG])
+    assert [(m.display_name, m.name.tag) for m in experiment.metric_infos] == list(METRICS.items())
     session = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     params = {k: getattr(v, v.WhichOneof("kind")) for k, v in session.hparams.items()}
-    assert {"model", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "augmentation",
-            "precision", "seed"} <= set(params)  # fmt: skip
+    assert sorted(params) == sorted(i.name for i in experiment.hparam_infos)  # a map: no order
+    assert [i.name for i in experiment.hparam_infos] == [
+        "run", "model", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "augmentation",
+        "precision", "seed", "experiment", "fold", "overrides",
+    ]  # fmt: skip
+    assert sorted(i.name for i in experiment.hparam_infos if i.differs) == sorted(SHOWN)  # shown first
+    assert (params["run"], params["experiment"], params["fold"], params["overrides"]) == ("defaults", NONE, NONE, NONE)
     assert (params["lr"], params["batch_size"], params["optimizer"]) == (1e-3, 32, "Adam")
     assert not [k for k in params if any(p in k for p in PLUMBING) or "dir" in k or "path" in k], params
     assert not [v for v in params.values() if str(tmp_path) in str(v)], params
@@ -96,25 +106,33 @@ def test_a_run_reads_as_tensorboard_shows_it(make_cfg, tmp_path: Path):
     assert any(n.name.startswith("Digit/Conv2d[conv1]/") for n in graph.node)  # the net's layers, inside its node
 
 
-def test_hparams_are_readable_names_and_what_was_typed():
-    typed = ["model.optimizer.lr=0.003", "trainer=cpu", "data.val_size=1000", "data.augment={degrees:10}",
-             "model.optimizer._target_=torch.optim.AdamW", "+trainer.limit_train_batches=5", "data.data_dir=/x",
-             "paths.log_dir=/y", "hydra/launcher=joblib", "experiment=fast", "ckpt_path=/z/last.ckpt"]  # fmt: skip
+def test_hparams_are_the_same_keys_for_every_run_named_by_what_was_typed():
+    typed = ["model.optimizer.lr=0.00024156772025296256", "trainer=cpu", "data.val_size=1000",
+             "data.augment={degrees:10}", "model.optimizer._target_=torch.optim.AdamW", "+trainer.limit_train_batches=5",
+             "data.data_dir=/x", "paths.log_dir=/y", "hydra/launcher=joblib", "experiment=fast",
+             "ckpt_path=/z/last.ckpt", "data.num_folds=3", "data.fold=2"]  # fmt: skip
     cfg = compose_config([o for o in typed if not o.startswith(("hydra/", "ckpt_path"))])
     params = hparams(cfg, typed, {"trainer": "cpu", "experiment": "fast", "hydra/launcher": "joblib"})
-    assert list(params)[:7] == [
-        "lr",
-        "trainer",
-        "data.val_size",
-        "augmentation",
-        "optimizer",
-        "trainer.limit_train_batches",
-        "experiment",
-    ]  # fmt: skip  (typed first)
-    assert params["lr"] == 0.003 and params["optimizer"] == "AdamW" and params["weight_decay"] == 0.01  # its default
-    assert params["trainer"] == "cpu" and params["experiment"] == "fast" and params["augmentation"] == "degrees=10"
-    assert params["data.val_size"] == 1000 and params["schedule"] == "OneCycleLR" and params["seed"] == 42
-    assert not {"data.data_dir", "paths.log_dir", "hydra/launcher", "ckpt_path"} & set(params)
+    plain = hparams(compose_config([]), [], {})
+    assert list(params) == list(plain)  # the same columns, whatever the run set
+    assert params["run"] == "lr=2.42e-4,augment={degrees:10},experiment=fast,fold=2"  # 3 significant digits
+    assert params["lr"] == 0.00024156772025296256  # the full value stays in HParams
+    assert params["optimizer"] == "AdamW" and params["weight_decay"] == 0.01  # AdamW's default
+    assert params["experiment"] == "fast" and params["augmentation"] == "degrees=10" and params["fold"] == "2 of 3"
+    assert params["overrides"] == "trainer=cpu data.val_size=1000 trainer.limit_train_batches=5"
+    assert params["schedule"] == "OneCycleLR" and params["seed"] == 42
+    assert (plain["run"], plain["experiment"], plain["fold"], plain["overrides"]) == ("defaults", NONE, NONE, NONE)
+    assert not [v for v in params.values() if any(p in str(v) for p in ("/x", "/y", "/z", "joblib"))], params
+
+
+def test_short_names_and_values():
+    assert [short_value(v) for v in ("0.00024156772025296256", "1e-3", "0.05", "128", "0.0", "12345.6", "fast")] == [
+        "2.42e-4", "1e-3", "0.05", "128", "0", "1.23e4", "fast"
+    ]  # fmt: skip
+    pairs = [("model.optimizer.lr", "0.0082466"), ("data.batch_size", "32"), ("model.optimizer.weight_decay", "1e-05")]
+    assert run_name(pairs) == "lr=8.25e-3,bs=32,wd=1e-5"
+    assert run_name([("data.fold", "3")]) == "fold=3"
+    assert run_name([("a.lr", "1"), ("b.lr", "2")]) == "a.lr=1,b.lr=2"  # the same short key twice: full keys
 
 
 def hparams_tab(logdir: Path):

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 
 from digit_lightning.cli import CONFIG_DIR
 from digit_lightning.sweep_report import main as report_main
-from digit_lightning.sweep_report import write_report
+from digit_lightning.sweep_report import read_jobs, write_report
 
 # A tiny real slice per job: 20 batches of training, 5 of validation, no test.
 TINY = ["trainer=cpu", "test=false", "trainer.max_epochs=1", "+trainer.limit_train_batches=20",
@@ -73,6 +73,47 @@ def test_report_follows_the_sweepers_direction(tmp_path: Path):
     )
     write_report(sweep)
     assert [r[0] for r in list(csv.reader((sweep / "sweep_report.csv").open()))[1:]] == ["1", "0"]
+
+
+def test_report_of_a_small_search_is_readable(tmp_path: Path):
+    """3 Optuna-like trials: lr (a decade and more apart) on a log axis with a tick per value, 3 significant digits
+    in the table and on the axis, no `lr-Adam` column (the schedule's last value, ~0), no column without values."""
+    lrs = ["0.00024156772025296256", "0.0082466717327", "0.001014299778430435"]
+    sweep = fake_sweep(tmp_path / "sweep", [
+        ([f"model.optimizer.lr={lr}", f"data.batch_size={bs}"], {"val/acc_best": acc, "lr-Adam": 4e-9, "train/x": None})
+        for lr, bs, acc in zip(lrs, ["128", "32", "128"], [0.91, 0.95, 0.93], strict=True)
+    ])  # fmt: skip
+    text = write_report(sweep).read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| job"))
+    assert header == "| job | data.batch_size | model.optimizer.lr | val/acc_best |", header
+    assert "| 1 | 32 | 8.25e-3 | 0.9500 |" in text and "| 0 | 128 | 2.42e-4 | 0.9100 |" in text
+    assert "0.000241" not in text
+    rows = list(csv.reader((sweep / "sweep_report.csv").open()))  # the CSV keeps the values as typed
+    assert rows[1][2] == lrs[1]
+
+    from digit_lightning.sweep_report import build_table, plot
+
+    swept, _, _ = build_table(read_jobs(sweep), "val/acc_best", "maximize")
+    fig = plot(tmp_path / "p.png", read_jobs(sweep), swept, "val/acc_best")
+    bs_axis, lr_axis = fig.axes
+    assert lr_axis.get_xscale() == "log" and bs_axis.get_xscale() == "linear"  # 32..128: under a decade
+    assert sorted(lr_axis.get_xticks()) == sorted(float(v) for v in lrs)
+    fig.canvas.draw()
+    assert [t.get_text() for t in lr_axis.get_xticklabels()] == ["2.42e-4", "1.01e-3", "8.25e-3"]
+
+
+def test_report_leaves_the_matplotlib_backend_alone(tmp_path: Path):
+    """A notebook's backend (here: svg) is the same after a report: no matplotlib.use() in library code."""
+    import matplotlib
+
+    sweep = fake_sweep(tmp_path / "sweep", [(["seed=1"], {"val/acc_best": 0.9}), (["seed=2"], {"val/acc_best": 0.8})])
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        write_report(sweep)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
 
 
 @pytest.mark.parametrize(

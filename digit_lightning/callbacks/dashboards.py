@@ -2,10 +2,11 @@
 inputs and per-class PR curves.
 
 `Dashboards` is a Lightning callback (conf/callbacks/default.yaml; eval adds it too). It keeps its per-batch work
-on the device (no host syncs) and renders matplotlib figures (Agg backend) once per validation or test epoch, sized
-to be read at TensorBoard's default image size. The confusion matrices and image grids go to MLflow and W&B too
-(`logger=mlflow`, `wandb`, `many`: digit_lightning.tracking); the layout, graph and PR curves are TensorBoard's own.
-Without such a logger (`logger=csv`, `logger=none`) it does nothing.
+on the device (no host syncs) and renders matplotlib figures once per validation or test epoch, sized to be read at
+TensorBoard's default image size. Figures are `matplotlib.figure.Figure` objects drawn by the Agg canvas, never
+pyplot: a notebook or a script around a run keeps its own backend and figure list. The confusion matrices and image
+grids go to MLflow and W&B too (`logger=mlflow`, `wandb`, `many`: digit_lightning.tracking); the layout, graph and PR
+curves are TensorBoard's own. Without such a logger (`logger=csv`, `logger=none`) it does nothing.
 """
 
 from __future__ import annotations
@@ -29,14 +30,21 @@ if TYPE_CHECKING:
 CLASSES = [str(d) for d in range(10)]
 
 
-def pyplot():  # noqa: ANN201
-    """matplotlib's pyplot on the Agg backend (to memory: no display), imported on first use: it is slow to import."""
-    import matplotlib
+def new_figure(**kwargs) -> Figure:  # noqa: ANN003
+    """A matplotlib `Figure` outside pyplot (no backend chosen, no global figure list), imported on first use:
+    matplotlib is slow to import. In a notebook it displays as the value of a cell."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return Figure(**kwargs)
 
-    return plt
+
+def figure_pixels(fig: Figure) -> np.ndarray:
+    """The figure rendered by the Agg canvas, as an RGB `[H, W, 3]` uint8 array."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 # Time Series shows an image at most ~170 pixels high (wider cards do not make it taller), and shrinks it with
@@ -54,7 +62,8 @@ def confusion_figure(matrix: torch.Tensor, title: str = "confusion matrix", top:
     diagonal = np.eye(len(counts), dtype=bool)
     mistakes = np.ma.masked_where(diagonal | (counts == 0), counts)
     worst = max(int(mistakes.max()) if mistakes.count() else 1, 2)
-    fig, (ax, notes) = pyplot().subplots(1, 2, figsize=(4.4, CARD_HEIGHT), dpi=CARD_DPI, width_ratios=[1, 1.05])
+    fig = new_figure(figsize=(4.4, CARD_HEIGHT), dpi=CARD_DPI)
+    ax, notes = fig.subplots(1, 2, width_ratios=[1, 1.05])
     ax.imshow(np.where(diagonal, 1.0, np.nan), cmap="Greys", vmin=0, vmax=4)  # a light grey diagonal
     ax.imshow(mistakes, cmap="Reds", norm=LogNorm(vmin=0.5, vmax=worst))
     for i, j in zip(*np.nonzero(np.ma.getdata(mistakes) * ~np.ma.getmaskarray(mistakes)), strict=True):
@@ -92,7 +101,7 @@ def image_grid(images: torch.Tensor, titles: list[str], title: str, columns: int
     heading = 0.2  # inches above the grid for the title
     inches_per_pixel = (CARD_HEIGHT - heading) / (2 * cell_h)  # two rows fill a card's height
     height = rows * cell_h * inches_per_pixel + heading
-    fig = pyplot().figure(figsize=(columns * cell_w * inches_per_pixel, height), dpi=CARD_DPI)
+    fig = new_figure(figsize=(columns * cell_w * inches_per_pixel, height), dpi=CARD_DPI)
     ax = fig.add_axes((0, 0, 1, 1 - heading / height))
     ax.imshow(canvas, cmap="gray", vmin=0, vmax=1)
     ax.axis("off")
@@ -105,18 +114,16 @@ def image_grid(images: torch.Tensor, titles: list[str], title: str, columns: int
 
 
 def add_figure(logger: TensorBoardLogger, tag: str, fig: Figure, step: int) -> None:
-    """Render a figure into the TensorBoard run as an image, then free it."""
-    logger.experiment.add_figure(tag, fig, global_step=step, close=True)
+    """Render a figure into the TensorBoard run as an image (SummaryWriter.add_figure would import pyplot)."""
+    logger.experiment.add_image(tag, figure_pixels(fig), global_step=step, dataformats="HWC")
 
 
 def publish(trainer: L.Trainer, tag: str, fig: Figure, step: int) -> None:
-    """A figure to every logger of `trainer` that shows pictures (TensorBoard, MLflow, W&B), then freed."""
+    """A figure to every logger of `trainer` that shows pictures (TensorBoard, MLflow, W&B)."""
     log_figure(trainer.loggers, tag, fig, step)
     logger = logger_of(trainer.loggers)
     if logger is not None:
         add_figure(logger, tag, fig, step)
-    else:
-        pyplot().close(fig)
 
 
 def shows_pictures(trainer: L.Trainer) -> bool:
