@@ -61,7 +61,9 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             log.warning(f"Sweep report: skipping job {job_dir.name}: {reading} cannot be read "
                         f"({' '.join(str(e).split())[:200]})")  # fmt: skip
             continue
-        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": metrics})
+        names = sorted(p.name for p in (job_dir / "tensorboard").glob("*") if p.is_dir())  # its TensorBoard run
+        run = names[0] if names else None
+        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": metrics, "run": run})
     jobs.sort(key=lambda j: (not j["job"].isdigit(), int(j["job"]) if j["job"].isdigit() else j["job"]))
     return jobs
 
@@ -90,7 +92,8 @@ def build_table(
 ) -> tuple[list[str], list[str], list[list[Any]]]:
     """The swept keys (overrides that differ between jobs), the metric names, and rows best first.
 
-    A row is the job, its trial number and state (Optuna sweeps only), the swept values, then the metrics."""
+    A row is the job, its TensorBoard run's name (if it has one), its trial number and state (Optuna sweeps only),
+    the swept values, then the metrics."""
     keys = sorted({k for j in jobs for k in j["overrides"]})
     swept = [k for k in keys if len({j["overrides"].get(k) for j in jobs}) > 1]
     # Not results: the step counters, and LearningRateMonitor's last value of the schedule (`lr-Adam`, ~0 after
@@ -106,7 +109,8 @@ def build_table(
         return value is None, sign * value if value is not None else 0.0
 
     trials = any("state" in j for j in jobs)  # an Optuna sweep: each job's trial number and state
-    rows = [[j["job"], *([j.get("trial"), j.get("state")] if trials else []),
+    named = any(j.get("run") for j in jobs)  # the name of its TensorBoard run (lr=2.42e-4,bs=128)
+    rows = [[j["job"], *([j.get("run")] if named else []), *([j.get("trial"), j.get("state")] if trials else []),
              *(j["overrides"].get(k, "") for k in swept), *(j["metrics"].get(m) for m in metrics)]
             for j in sorted(jobs, key=rank)]  # fmt: skip
     return swept, metrics, rows
@@ -324,7 +328,8 @@ def write_report(sweep_dir: str | Path) -> Path:
         attach_trials(study, sweep_dir, jobs)
     metric, direction = objective(sweep_dir, jobs)
     swept, metrics, rows = build_table(jobs, metric, direction)
-    header = ["job", *(["trial", "state"] if any("state" in j for j in jobs) else []), *swept, *metrics]
+    header = ["job", *(["run"] if any(j.get("run") for j in jobs) else []),
+              *(["trial", "state"] if any("state" in j for j in jobs) else []), *swept, *metrics]  # fmt: skip
     table = io.StringIO(newline="")
     csv.writer(table).writerows([header, *rows])
     write_file(sweep_dir / "sweep_report.csv", table.getvalue().encode())

@@ -35,6 +35,9 @@ PAGES = [
     ("graphs", None, "tensorboard_graph.png", 950),
 ]
 WIDTH = 1600
+# The run list a third of the window wide (TensorBoard's default, a fifth, cuts sweep jobs' names), the Time Series
+# settings pane closed: the names of the runs are then read in full.
+SETTINGS = {"sideBarWidthInPercent": 33, "timeSeriesSettingsPaneOpened": False}
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -58,7 +61,7 @@ def make_runs(logs: Path, quick: bool) -> None:
     run("digit_lightning.train", "experiment=fast", *(TINY if quick else []), logs=logs)
     trained = next(logs.glob("fast/runs/*"))
     run("digit_lightning.train", "-m", "experiment=fast", "model.optimizer.lr=1e-3,1e-2", "trainer.max_epochs=1",
-        "test=false", *slice_, logs=logs)  # fmt: skip
+        *slice_, logs=logs)  # fmt: skip
     run("digit_lightning.train", "hparams_search=mnist_optuna", "hydra.sweeper.n_trials=3", "trainer.max_epochs=2",
         *slice_, logs=logs)  # fmt: skip
     run("digit_lightning.train", "-m", "experiment=fast", "data.num_folds=3", "data.fold=0,1,2", "trainer.max_epochs=1",
@@ -166,6 +169,15 @@ class Browser:
         self.profile.cleanup()
 
 
+# Every text on the page, shadow DOMs included (TensorBoard's HParams tab is made of them), as one string.
+DEEP_TEXT = """
+(function text(root) {
+  let out = root.body ? root.body.innerText : Array.from(root.children).map(c => c.innerText || '').join(' ');
+  for (const e of root.querySelectorAll('*')) { if (e.shadowRoot) out += ' ' + text(e.shadowRoot); }
+  return out;
+})(document)
+"""
+
 # The deepest element, across shadow roots, whose text is exactly the one asked for (a tab, a button).
 DEEP_FIND = """
 const want = %s;
@@ -183,6 +195,8 @@ def take_screenshots(executable: str, url: str, out: Path, pages: list[tuple] = 
     for fragment, tab, name, height in pages:
         browser = Browser(executable, WIDTH, height)
         try:
+            browser.open(url, settle=2)  # TensorBoard's own settings, as a person would set them once
+            browser.evaluate(f"localStorage.setItem('_tb_global_settings', {json.dumps(json.dumps(SETTINGS))})")
             browser.open(f"{url}/#{fragment}")
             if tab is not None and not browser.click(tab):
                 raise SystemExit(f"error: no {tab!r} on TensorBoard's #{fragment} page")

@@ -4,6 +4,9 @@ per-step curves, the Custom Scalars layout, HParams without plumbing, named swee
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +26,7 @@ from tensorboard.plugins.hparams import backend_context, metadata
 from digit_lightning.callbacks.dashboards import Dashboards
 from digit_lightning.cli import compose_config
 from digit_lightning.names import run_name, short_value
-from digit_lightning.tensorboard import METRICS, NONE, PLUMBING, SHOWN, TensorBoardLogger, hparams
+from digit_lightning.tensorboard import METRICS, MISSING, NONE, PLUMBING, SHOWN, TensorBoardLogger, hparams
 from digit_lightning.train import train
 
 EVERYTHING = dict.fromkeys(("scalars", "images", "tensors", "histograms", "distributions", "audio", "graph"), 0)
@@ -94,8 +97,8 @@ def test_a_run_reads_as_tensorboard_shows_it(make_cfg, tmp_path: Path):
     assert not [v for v in params.values() if str(tmp_path) in str(v)], params
 
     images = events.Tags()["images"]
-    assert sorted(images) == ["test/confusion_matrix", "train_inputs/samples", "val/confusion_matrix",
-                              "val/misclassified"]  # fmt: skip
+    assert sorted(images) == ["train_inputs/samples", "val/confusion_matrix", "val/misclassified",
+                              "whole_run/test_confusion_matrix"]  # fmt: skip
     assert len(events.Images("val/confusion_matrix")) == 2 and len(events.Images("train_inputs/samples")) == 1
     for tag in images:  # small enough that TensorBoard's ~370-pixel card shrinks it by half at most
         image = events.Images(tag)[-1]
@@ -108,9 +111,9 @@ def test_a_run_reads_as_tensorboard_shows_it(make_cfg, tmp_path: Path):
 
 def test_hparams_are_the_same_keys_for_every_run_named_by_what_was_typed():
     typed = ["model.optimizer.lr=0.00024156772025296256", "trainer=cpu", "data.val_size=1000",
-             "data.augment={degrees:10}", "model.optimizer._target_=torch.optim.AdamW", "+trainer.limit_train_batches=5",
-             "data.data_dir=/x", "paths.log_dir=/y", "hydra/launcher=joblib", "experiment=fast",
-             "ckpt_path=/z/last.ckpt", "data.num_folds=3", "data.fold=2"]  # fmt: skip
+             "data.augment={degrees:10}", "model.optimizer._target_=torch.optim.AdamW",
+             "+trainer.limit_train_batches=5", "data.data_dir=/x", "paths.log_dir=/y", "hydra/launcher=joblib",
+             "experiment=fast", "ckpt_path=/z/last.ckpt", "data.num_folds=3", "data.fold=2"]  # fmt: skip
     cfg = compose_config([o for o in typed if not o.startswith(("hydra/", "ckpt_path"))])
     params = hparams(cfg, typed, {"trainer": "cpu", "experiment": "fast", "hydra/launcher": "joblib"})
     plain = hparams(compose_config([]), [], {})
@@ -160,14 +163,17 @@ def test_sweep_jobs_are_named_by_their_overrides_and_the_swept_key_is_a_column(r
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     table, sessions = hparams_tab(tmp_path / "sweep")
-    assert set(sessions) == {"0/tensorboard/lr=0.001", "1/tensorboard/lr=0.003"}
+    assert set(sessions) == {"0/tensorboard/lr=1e-3", "1/tensorboard/lr=3e-3"}
     assert sorted(s["lr"].number_value for s in sessions.values()) == [0.001, 0.003]
-    columns = {h.name: h for h in table.hparam_infos}
-    assert columns["lr"].differs and not columns["batch_size"].differs
-    assert table.hparam_infos[0].name == "lr"  # what differs comes first: the tab shows the first five columns
+    assert sorted(s["run"].string_value for s in sessions.values()) == ["lr=1e-3", "lr=3e-3"]
+    columns = [h.name for h in table.hparam_infos]
+    assert columns[:5] == sorted(SHOWN)  # the tab shows the first five columns: the run's name, lr, batch size, ...
     assert not [name for name in columns if any(p in name for p in PLUMBING) or name.startswith("paths")]
-    metrics = {m.name.tag for m in table.metric_infos}
-    assert {"val/acc_best", "val/acc", "train/loss"} <= metrics, metrics
+    assert [m.display_name for m in table.metric_infos] == ["val/acc_best", "test/acc", "test/loss"]
+    for job in ("0/tensorboard/lr=1e-3", "1/tensorboard/lr=3e-3"):  # test=false: the placeholder, so still drawn
+        events = events_of(tmp_path / "sweep" / job)
+        assert [e.value for e in events.Scalars(METRICS["test/acc"])] == [MISSING]
+        assert events.Scalars(METRICS["val/acc_best"])[0].value > 0.1
 
     log = (tmp_path / "sweep" / "0" / "train.log").read_text()  # Lightning's messages reach the run's log file
     assert "lightning" in log and "`Trainer.fit` stopped: `max_epochs=1` reached." in log, log
@@ -226,3 +232,26 @@ def test_keeps_the_first_mistakes_in_a_fixed_size_buffer():
     assert kept["x"].shape == (4, 1, 28, 28)  # never more than max_misclassified
     assert kept["wrong"].all() and kept["x"][:, 0, 0, 0].tolist() == [1.0, 3.0, 4.0, 11.0]  # the first four, in order
     assert callback.confusion.compute()[0].tolist() == [9, 6] + [0] * 8
+
+
+def test_figures_leave_the_plotting_state_alone():
+    """A notebook's backend (here svg) and pyplot's figure list are the same after the dashboards draw and log
+    figures: library code uses matplotlib's Figure, never pyplot or matplotlib.use()."""
+    script = """
+import sys, matplotlib, torch
+matplotlib.use("svg")
+from torch.utils.tensorboard import SummaryWriter
+from digit_lightning.callbacks.dashboards import add_figure, confusion_figure, image_grid
+class Logger:
+    experiment = SummaryWriter(sys.argv[1])
+import matplotlib.pyplot as plt  # torchmetrics imports it anyway
+figures = [confusion_figure(torch.eye(10, dtype=torch.long) * 5 + 1),
+           image_grid(torch.zeros(4, 1, 28, 28), list("1234"), "t")]
+assert plt.get_fignums() == [], plt.get_fignums()  # not pyplot's: a notebook shows them only when asked
+for tag, fig in zip(("cm", "grid"), figures):
+    add_figure(Logger(), tag, fig, 0)
+assert matplotlib.get_backend() == "svg", matplotlib.get_backend()
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(Path(tempfile.mkdtemp()))], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]

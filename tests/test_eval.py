@@ -35,9 +35,10 @@ def test_eval_reports_what_training_reported(small_checkpoint, mnist_dir: Path, 
     assert json.loads((tmp_path / "eval.json").read_text()) == result
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert set(events.Tags()["scalars"]) == {"test/acc", "test/loss"}  # per-class numbers: one table, not 33 cards
-    assert events.Scalars("test/acc")[-1].value == pytest.approx(result["test/acc"])
-    assert "test/confusion_matrix" in events.Tags()["images"]
+    # per-class numbers: one table, not 33 cards; the test metrics (one value) beside the other runs' (whole_run/)
+    assert set(events.Tags()["scalars"]) == {"whole_run/test_acc", "whole_run/test_loss", "whole_run/val_acc_best"}
+    assert events.Scalars("whole_run/test_acc")[-1].value == pytest.approx(result["test/acc"])
+    assert "whole_run/test_confusion_matrix" in events.Tags()["images"]
     tensors = events.Tags()["tensors"]
     assert {f"test_pr_curve/{d}" for d in range(10)} <= set(tensors)
     table = events.Tensors("test_per_class/text_summary")[0].tensor_proto.string_val[0].decode()

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("*.ipynb"))
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 
 pytestmark = pytest.mark.slow  # builds a wheel / executes notebooks: `make test-full`
 
@@ -51,3 +60,39 @@ def test_notebook_runs_and_shows_every_figure(
     stderr = "".join(o.get("text", "") for c in notebook.cells for o in c.get("outputs", [])
                      if o.get("name") == "stderr")  # fmt: skip
     assert not [n for n in NOISE if n in stderr], stderr[-3000:]
+
+
+def test_make_notebook_serves_the_notebooks_in_jupyterlab(tmp_path: Path):
+    """`make notebook`'s command (the [notebooks] extra, in [dev]) serves JupyterLab on 127.0.0.1 with the
+    notebooks and a Python kernel."""
+    recipe = subprocess.run(["make", "-n", "notebook"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in recipe.splitlines() if "jupyterlab" in line)
+    args = shlex.split(line)
+    assert args[:3] == [".venv/bin/python", "-m", "jupyterlab"] and "--ServerApp.ip=127.0.0.1" in args, line
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp_path / "config"), "JUPYTER_RUNTIME_DIR": str(tmp_path / "rt")}
+    root = ["--allow-root"] if os.geteuid() == 0 else []  # CI runs as root; Jupyter refuses it by default
+    server = subprocess.Popen(
+        [sys.executable, *args[1:], "--no-browser", f"--port={port}", "--IdentityProvider.token=", *root],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline, contents = time.monotonic() + 120, None
+        while time.monotonic() < deadline and contents is None:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/contents", timeout=5) as response:
+                    contents = json.load(response)
+            except OSError:
+                time.sleep(1)
+        assert contents is not None, "JupyterLab did not answer in 120 s"
+        assert {p.name for p in NOTEBOOKS} <= {c["name"] for c in contents["content"]}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/lab", timeout=10) as response:
+            assert "JupyterLab" in response.read().decode()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/kernelspecs", timeout=10) as response:
+            assert "python3" in json.load(response)["kernelspecs"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

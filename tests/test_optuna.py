@@ -188,7 +188,9 @@ def test_a_second_command_extends_the_study_and_a_strict_pruner_prunes(run_cli, 
     assert after[2].state == TrialState.PRUNED and list(after[2].intermediate_values) == [0]  # cut after epoch 0
     assert after[2].params != after[0].params and after[2].params != after[1].params
     rows = list(csv.reader((tmp_path / "second" / "sweep_report.csv").open()))
-    assert rows[1][:3] == ["0", "2", f"PRUNED at epoch 0 ({after[2].value:.4f})"]
+    assert rows[0][:4] == ["job", "run", "trial", "state"]  # run: the job's TensorBoard run, named by its values
+    assert rows[1][0] == "0" and rows[1][2:4] == ["2", f"PRUNED at epoch 0 ({after[2].value:.4f})"]
+    assert rows[1][1].startswith("lr=") and len(rows[1][1]) < 40, rows[1][1]
     assert "(2 complete, 1 pruned)" in (tmp_path / "second" / "sweep_report.md").read_text()
 
 

@@ -5,12 +5,14 @@ docs/*.md is run as a
 subprocess in a scratch project dir where the README's example paths exist (a small real checkpoint at
 `logs/train/runs/2026-11-27_03-35-55/checkpoints/last.ckpt`, a real tiny multirun, `scans/`, `my_digit.jpg`):
 
-- Hydra entry points that would train for long, or need a GPU or a cluster, run with `--cfg job`: that proves the
-  groups, options and keys on the line compose (a sweep's `-m` is dropped and `a=1,2` becomes `a=1`, since Hydra's
-  `--cfg` prints a single job);
+- training commands (sweeps and searches too) run for real on the CPU, with tiny limits appended for each limit the
+  command does not set itself (2 training batches, 1 epoch, 2 Optuna trials): they must exit 0;
+- those that need a GPU or a cluster run with `--cfg job`: that proves the groups, options and keys on the line
+  compose (a sweep's `-m` is dropped and `a=1,2` becomes `a=1`, since Hydra's `--cfg` prints a single job);
 - predict, export, eval, data, sweep_report, `--help` and `debug=fdr` lines run fully and must exit 0;
 - `make <target>` lines are dry-run (`make -n`), which checks that the targets exist;
-- torchrun lines are skipped: they need several GPU nodes.
+- torchrun lines are skipped: they need several GPU nodes; every other line of a bash block is either one of the
+  above or listed in SKIPPED with its reason (`test_every_documented_command_is_checked_or_skipped_with_a_reason`).
 """
 
 from __future__ import annotations
@@ -133,6 +135,31 @@ def project(small_checkpoint, mnist_dir: Path, tmp_path_factory: pytest.TempPath
     return root, env
 
 
+# What a documented training command gets appended, for each key it does not set itself: a real run in seconds.
+TINY = {"+trainer.limit_train_batches": "2", "+trainer.limit_val_batches": "1", "+trainer.limit_test_batches": "1",
+        "trainer.max_epochs": "1", "trainer.log_every_n_steps": "1", "callbacks.progress_bar": "null",
+        "hydra.sweeper.n_trials": "2"}  # fmt: skip
+NEEDS = {"trainer=gpu": "a GPU", "trainer=ddp": "GPUs", "hydra/launcher=slurm": "a SLURM cluster"}
+# Lines of a bash block that are not entry-point, make, torchrun or sbatch commands: why each is not run here.
+SKIPPED = {
+    r"^for seed in .*experiment=record": "the record recipe: 30-epoch runs, hours on a CPU (its settings compose: "
+    "the `experiment=record` line of the same page is checked)",
+    r"^for seed in .*bench/models\.py run": "the record recipe's measured runs (bench/models.py has tests of its own)",
+    r"^(\.venv/bin/)?python bench/bench\.py": "`make bench`: tens of minutes of timing (the dry run of `make bench`)",
+    r"^optuna-dashboard ": "a web server that runs until stopped (tests/test_optuna.py checks the study it reads)",
+    r"^apt-get install chromium": "a system package: .ci/run installs it",
+    r"^python docs/screenshots\.py": "tests/test_many_runs.py makes the same runs and renders the same pages",
+}
+
+
+def _tiny(args: list[str]) -> list[str]:
+    """`args` with TINY's settings appended for each key they do not set (a `+key` counts as the key)."""
+    keys = {a.split("=", 1)[0].lstrip("+~") for a in args if "=" in a}
+    optuna = any(a.startswith("hparams_search=") for a in args)
+    return [*args, *(f"{k}={v}" for k, v in TINY.items()
+                     if k.lstrip("+") not in keys and (optuna or not k.startswith("hydra.sweeper")))]  # fmt: skip
+
+
 def plan(command: str) -> tuple[str, list[str] | None, str]:
     """How to check `command`: ("run" | "cfg" | "make" | "skip", argv or None, reason)."""
     if command.startswith(("torchrun ", "sbatch ")):
@@ -146,7 +173,10 @@ def plan(command: str) -> tuple[str, list[str] | None, str]:
     args = tokens[3:]
     if module in RUN_FULLY or "--help" in args or "debug=fdr" in args:
         return "run", [module, *args], "runs in seconds"
-    return "cfg", [module, *only_first_job(args), "--cfg", "job"], "a real run takes minutes, a GPU or a cluster"
+    needs = [why for arg, why in NEEDS.items() if arg in args]
+    if module == "train" and not needs:
+        return "run", [module, *_tiny(args)], "trains on tiny slices"
+    return "cfg", [module, *only_first_job(args), "--cfg", "job"], f"needs {', '.join(needs) or 'a long run'}"
 
 
 def param(command: str, index: int):
@@ -171,6 +201,34 @@ def test_readme_command(command: str, project: tuple[Path, dict]):
     assert result.returncode == 0, f"{how}: {' '.join(argv)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     if how == "cfg":
         assert "_target_" in result.stdout or "ckpt_path" in result.stdout, result.stdout[-2000:]
+
+
+def test_every_documented_command_is_checked_or_skipped_with_a_reason():
+    """A line of a bash block is a command this file checks (COMMANDS, perhaps a repeat of one), or SKIPPED says why
+    not: a new kind of command in the docs fails here until it is run or skipped on purpose."""
+    checked = {tuple(shlex.split(c.removeprefix(".venv/bin/"), comments=True)) for c in COMMANDS}
+    unplanned = []
+    for line in ALL_LINES:
+        words = tuple(shlex.split(line.removeprefix(".venv/bin/"), comments=True)) if line else ()
+        if not words or words in checked or line in ASSIGNMENTS or re.match(r"^[A-Z_]+=", line):
+            continue
+        if not any(re.search(pattern, line) for pattern in SKIPPED):
+            unplanned.append(line)
+    assert not unplanned, f"documented commands neither checked nor skipped with a reason: {unplanned}"
+    reasons = {plan(c)[2] for c in COMMANDS if plan(c)[0] == "skip"} | set(SKIPPED.values())
+    assert all(len(r) > 20 for r in reasons), reasons
+
+
+def test_documented_training_commands_run_on_tiny_slices():
+    """Commands that train run for real (tiny limits appended where the command sets none); the command's own
+    values win, so that a documented value that fails (a limit below one batch) fails here."""
+    assert plan("python -m digit_lightning.train experiment=fast")[:2] == (
+        "run", ["train", "experiment=fast", *(f"{k}={v}" for k, v in TINY.items() if "sweeper" not in k)]
+    )  # fmt: skip
+    how, args, _ = plan("python -m digit_lightning.train hparams_search=mnist_optuna +trainer.limit_val_batches=0.1")
+    assert how == "run" and "+trainer.limit_val_batches=0.1" in args and "hydra.sweeper.n_trials=2" in args
+    assert not [a for a in args if a.startswith("+trainer.limit_val_batches=1")]
+    assert plan("python -m digit_lightning.train trainer=gpu")[0] == "cfg"
 
 
 def test_readme_is_short_and_links_to_docs_that_exist():

@@ -12,7 +12,8 @@ from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.models.digit import Digit
 from digit_lightning.train import train
 
-SCALARS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "test/loss", "test/acc"}
+SCALARS = {"train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "whole_run/test_loss",
+           "whole_run/test_acc"}  # fmt: skip
 # A small real slice: 150 batches of 64 for one epoch, validated and tested on 1,280 images each.
 SLICE = [
     "data.batch_size=64",
@@ -36,7 +37,7 @@ def test_small_slice_learns_and_logs_to_tensorboard(make_cfg, tmp_path: Path):
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert set(events.Tags()["scalars"]) >= SCALARS
-    assert events.Scalars("test/acc")[-1].value == pytest.approx(metrics["test/acc"])
+    assert events.Scalars("whole_run/test_acc")[-1].value == pytest.approx(metrics["test/acc"])
     assert len(events.Scalars("val/acc_best")) == 1  # the sanity check did not log a best
     session = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]  # tests/test_dashboards.py: more
     assert b"batch_size" in session and b"lr" in session
@@ -83,4 +84,4 @@ def test_one_epoch_reaches_98_5_percent(run_cli, tmp_path: Path):
     assert result.returncode == 0, result.stderr[-3000:]
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
     events.Reload()
-    assert events.Scalars("test/acc")[-1].value >= 0.985
+    assert events.Scalars("whole_run/test_acc")[-1].value >= 0.985

@@ -118,12 +118,17 @@ def add_figure(logger: TensorBoardLogger, tag: str, fig: Figure, step: int) -> N
     logger.experiment.add_image(tag, figure_pixels(fig), global_step=step, dataformats="HWC")
 
 
+# Time Series opens its first two groups: what a run shows once goes to `whole_run/`, which sorts last
+# (digit_lightning.tensorboard.METRICS), not to `test/` with one card per run on the first screen.
+TENSORBOARD_TAGS = {"test/confusion_matrix": "whole_run/test_confusion_matrix"}
+
+
 def publish(trainer: L.Trainer, tag: str, fig: Figure, step: int) -> None:
     """A figure to every logger of `trainer` that shows pictures (TensorBoard, MLflow, W&B)."""
     log_figure(trainer.loggers, tag, fig, step)
     logger = logger_of(trainer.loggers)
     if logger is not None:
-        add_figure(logger, tag, fig, step)
+        add_figure(logger, TENSORBOARD_TAGS.get(tag, tag), fig, step)
 
 
 def shows_pictures(trainer: L.Trainer) -> bool:
@@ -138,8 +143,9 @@ class Dashboards(L.Callback):
     - at fit start, the net's graph (Graphs tab), its layers at the top level (`graph=False`: none);
     - once per run, `train_inputs/samples`: the first training inputs as the model sees them (single runs only);
     - per validation epoch, `val/confusion_matrix` and `val/misclassified` (the epoch's first mistakes);
-    - per test, `test/confusion_matrix` and one precision-recall curve per digit (`test_pr_curve/<digit>`, from the
-      predicted probabilities).
+    - per test, `test/confusion_matrix` (TensorBoard: `whole_run/test_confusion_matrix`, with the run's other
+      one-off values) and one precision-recall curve per digit (`test_pr_curve/<digit>`, from the predicted
+      probabilities).
 
     """
 
