@@ -141,7 +141,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         callbacks=[class_metrics, member_scores, Dashboards()],
         logger=cli.instantiate_group(cfg.get("logger")),
     )
-    params = checkpoint_hparams(ckpt_paths)
+    params = checkpoint_hparams(ckpt_paths, cfg)
     if params is not None:  # the evaluated run's settings: the eval is a row beside it in the HParams tab
         log_hparams(trainer.loggers, params)
     scores = trainer.test(model, datamodule=datamodule, verbose=False)[0]

@@ -21,14 +21,17 @@ import torch
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
 from hydra.types import RunMode
 from hydra.utils import get_class
 from lightning.pytorch import loggers as lightning_loggers
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from digit_lightning.names import run_name, short_value
+from digit_lightning.runs import ResumeError, recorded_choices, resumed_config, run_dir_of
 
 # TensorBoard's Custom Scalars page: one chart per entry, each overlaying the tags its regexes match.
 LAYOUT = {
@@ -176,20 +179,20 @@ def hparams(
     return params
 
 
-def checkpoint_hparams(ckpt_paths: list[Path]) -> dict[str, int | float | str] | None:
-    """The HParams entry of an eval: its (first) checkpoint's run, named `eval <that run's name>`; None when the
-    checkpoint is no run's (a file copied elsewhere), or the run's settings cannot be read."""
-    from digit_lightning.runs import ResumeError, run_dir_of, saved_config
-
+def checkpoint_hparams(ckpt_paths: list[Path], cfg: DictConfig) -> dict[str, int | float | str] | None:
+    """The HParams entry of an eval (`cfg`: its config): its (first) checkpoint's run, named `eval <that run's
+    name>`; None when the checkpoint is no run's (a file copied elsewhere) or the run's settings cannot be read. The
+    run's settings are read as a resumed run reads them (runs.resumed_config: the package's own config for the run's
+    recorded choices, the run's plain values on top), never code named by the run dir."""
     run_dir = run_dir_of(Path(ckpt_paths[0]).resolve())
     if run_dir is None:
         return None
     try:
-        cfg = saved_config(run_dir)
+        settings = resumed_config(cfg, run_dir, [])
         overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
-        hydra = yaml.safe_load((run_dir / ".hydra" / "hydra.yaml").read_text())["hydra"]
-        params = hparams(cfg, overrides, dict(hydra["runtime"]["choices"]))
-    except (ResumeError, OSError, yaml.YAMLError, KeyError, TypeError, AttributeError, ValueError):
+        choices = dict(choice.split("=", 1) for choice in recorded_choices(run_dir))
+        params = hparams(settings, [str(o) for o in overrides], choices)
+    except (ResumeError, OSError, yaml.YAMLError, TypeError, ValueError, HydraException, OmegaConfBaseException):
         return None
     named = sorted(p.name for p in (run_dir / "tensorboard").glob("*") if p.is_dir())  # a sweep job's run name
     name = named[0] if named else str(params["run"]) if params["run"] != "defaults" else run_dir.name

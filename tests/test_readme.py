@@ -147,6 +147,8 @@ SKIPPED = {
     r"^for seed in .*bench/models\.py run": "the record recipe's measured runs (bench/models.py has tests of its own)",
     r"^(\.venv/bin/)?python bench/bench\.py": "`make bench`: tens of minutes of timing (the dry run of `make bench`)",
     r"^optuna-dashboard ": "a web server that runs until stopped (tests/test_optuna.py checks the study it reads)",
+    r"^mlflow ui ": "a web server that runs until stopped (tests/test_tracking.py reads the same store)",
+    r"^wandb (login|sync)\b": "needs a W&B account and the network (tests/test_tracking.py reads the offline run)",
     r"^apt-get install chromium": "a system package: .ci/run installs it",
     r"^python docs/screenshots\.py": "tests/test_many_runs.py makes the same runs and renders the same pages",
 }
