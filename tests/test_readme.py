@@ -149,6 +149,7 @@ SKIPPED = {
     r"^optuna-dashboard ": "a web server that runs until stopped (tests/test_optuna.py checks the study it reads)",
     r"^mlflow ui ": "a web server that runs until stopped (tests/test_tracking.py reads the same store)",
     r"^wandb (login|sync)\b": "needs a W&B account and the network (tests/test_tracking.py reads the offline run)",
+    r"^curl .*127\.0\.0\.1:8000/": "needs `make serve` running (tests/test_serve.py sends them to a real server)",
     r"^apt-get install chromium": "a system package: .ci/run installs it",
     r"^python docs/screenshots\.py": "tests/test_many_runs.py makes the same runs and renders the same pages",
 }
