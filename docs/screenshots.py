@@ -35,9 +35,6 @@ PAGES = [
     ("graphs", None, "tensorboard_graph.png", 950),
 ]
 WIDTH = 1600
-# The run list a third of the window wide (TensorBoard's default, a fifth, cuts sweep jobs' names), the Time Series
-# settings pane closed: the names of the runs are then read in full.
-SETTINGS = {"sideBarWidthInPercent": 33, "timeSeriesSettingsPaneOpened": False}
 CHROMIUM = ("chromium", "chromium-browser", "google-chrome")
 
 
@@ -195,8 +192,6 @@ def take_screenshots(executable: str, url: str, out: Path, pages: list[tuple] = 
     for fragment, tab, name, height in pages:
         browser = Browser(executable, WIDTH, height)
         try:
-            browser.open(url, settle=2)  # TensorBoard's own settings, as a person would set them once
-            browser.evaluate(f"localStorage.setItem('_tb_global_settings', {json.dumps(json.dumps(SETTINGS))})")
             browser.open(f"{url}/#{fragment}")
             if tab is not None and not browser.click(tab):
                 raise SystemExit(f"error: no {tab!r} on TensorBoard's #{fragment} page")
