@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import subprocess
@@ -423,3 +424,32 @@ def test_sweep_report_replaces_a_linked_report_instead_of_writing_through_it(tmp
     write_report(sweep)
     for name, victim in victims.items():
         assert victim.read_text() == "keep" and not (sweep / name).is_symlink() and (sweep / name).stat().st_size
+
+
+@pytest.mark.slow  # the CLI twin of the URL and deletion reproducers above, on a run dir as the CLI reads it
+def test_cli_resume_of_a_crafted_run_dir_fetches_and_deletes_nothing(base_run, run_cli, tmp_path: Path):
+    marker, victim = tmp_path / "PWNED", tmp_path / "VICTIM_file"
+    victim.write_text("keep")
+    served = tmp_path / "www"
+    served.mkdir()
+    torch.save({"x": Evil(marker)}, served / "evil.ckpt")
+    server = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"], cwd=served,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        port = int(server.stdout.readline().split(" port ")[1].split()[0])
+        run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
+        path = run / "checkpoints" / "last.ckpt"
+        checkpoint = torch.load(path, weights_only=True)
+        mc = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+        escape = f"{run}/checkpoints/../../{victim.name}"
+        mc.update(best_model_path=f"http://127.0.0.1:{port}/evil.ckpt", dirpath=str(run / "checkpoints"),
+                  best_k_models={escape: torch.tensor(0.0)}, kth_best_model_path=escape)  # fmt: skip
+        torch.save(checkpoint, path)
+        result = run_cli("digit_lightning.train", f"ckpt_path={run}", "trainer.max_epochs=2", *RESUME, cwd=tmp_path)
+    finally:
+        server.terminate()
+        server.wait()
+    assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
+    assert "dropped best_model_path='http://127.0.0.1" in result.stdout + result.stderr
+    assert not marker.exists() and victim.read_text() == "keep"
+    assert json.loads((run / "metrics.json").read_text())["test/acc"] > 0.5
