@@ -100,6 +100,9 @@ def _optimizer_states(raw: dict, path: Path, model: DigitClassifier) -> tuple[li
     states, scheduled = raw.get("optimizer_states"), raw.get("lr_schedulers")
     if not isinstance(states, list) or not isinstance(scheduled, list):
         raise CheckpointError(f"{path}: holds weights but no training state; it cannot be resumed")
+    if scheduled and not schedulers:  # as Lightning would (it zips them): this run's config has no scheduler
+        log.warning(f"{path}: this run's model has no LR scheduler; the checkpoint's scheduler state is not used")
+        scheduled = []
     if len(states) != 1 or len(scheduled) != len(schedulers):
         raise CheckpointError(f"{path}: holds {len(states)} optimizer and {len(scheduled)} scheduler states; this "
                               f"run's model has 1 and {len(schedulers)}")  # fmt: skip
