@@ -100,7 +100,8 @@ def _optimizer_states(raw: dict, path: Path, model: DigitClassifier) -> tuple[li
     states, scheduled = raw.get("optimizer_states"), raw.get("lr_schedulers")
     if not isinstance(states, list) or not isinstance(scheduled, list):
         raise CheckpointError(f"{path}: holds weights but no training state; it cannot be resumed")
-    if scheduled and not schedulers:  # as Lightning would (it zips them): this run's config has no scheduler
+    dropped_scheduler = bool(scheduled) and not schedulers  # this run's config has none: Lightning's zip ignored it
+    if dropped_scheduler:
         log.warning(f"{path}: this run's model has no LR scheduler; the checkpoint's scheduler state is not used")
         scheduled = []
     if len(states) != 1 or len(scheduled) != len(schedulers):
@@ -110,6 +111,12 @@ def _optimizer_states(raw: dict, path: Path, model: DigitClassifier) -> tuple[li
     template = optimizer.state_dict()
     if not isinstance(state, dict) or set(state) != {"state", "param_groups"}:
         raise CheckpointError(f"{path}: optimizer_states[0] is not an optimizer state")
+    if dropped_scheduler and isinstance(state["param_groups"], list):  # and the keys it added to the groups
+        keys = {k for group in template["param_groups"] for k in group}
+        groups = [{k: v for k, v in g.items() if k in keys} if isinstance(g, dict) else g
+                  for g in state["param_groups"]]  # fmt: skip
+        state = {**state, "param_groups": groups}
+        states = [state]
     _like(state["param_groups"], template["param_groups"], f"{path}: optimizer_states[0].param_groups")
     if not isinstance(state["state"], dict):
         raise CheckpointError(f"{path}: optimizer_states[0].state is not a mapping")

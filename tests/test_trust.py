@@ -450,6 +450,6 @@ def test_cli_resume_of_a_crafted_run_dir_fetches_and_deletes_nothing(base_run, r
         server.terminate()
         server.wait()
     assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
-    assert "dropped best_model_path='http://127.0.0.1" in result.stdout + result.stderr
+    assert "best_model_path='http://127.0.0.1" in result.stdout + result.stderr  # named in the "dropped" warning
     assert not marker.exists() and victim.read_text() == "keep"
     assert json.loads((run / "metrics.json").read_text())["test/acc"] > 0.5
