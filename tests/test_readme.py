@@ -139,7 +139,14 @@ def project(small_checkpoint, mnist_dir: Path, tmp_path_factory: pytest.TempPath
 TINY = {"+trainer.limit_train_batches": "2", "+trainer.limit_val_batches": "1", "+trainer.limit_test_batches": "1",
         "trainer.max_epochs": "1", "trainer.log_every_n_steps": "1", "callbacks.progress_bar": "null",
         "hydra.sweeper.n_trials": "2"}  # fmt: skip
-NEEDS = {"trainer=gpu": "a GPU", "trainer=ddp": "GPUs", "hydra/launcher=slurm": "a SLURM cluster"}
+NEEDS = {
+    "trainer=gpu": "a GPU",
+    "trainer=ddp": "GPUs",
+    "hydra/launcher=slurm": "a SLURM cluster",
+    "trainer=ddp_sim": "two processes (tests/test_scale.py runs them)",
+}  # an argument -> what it needs
+NEEDS_IN_TEXT = {"mysql+pymysql://": "a database server", "postgresql://": "a database server",
+                 "/shared/": "a shared file system"}  # fmt: skip
 # Lines of a bash block that are not entry-point, make, torchrun or sbatch commands: why each is not run here.
 SKIPPED = {
     r"^for seed in .*experiment=record": "the record recipe: 30-epoch runs, hours on a CPU (its settings compose: "
@@ -177,6 +184,9 @@ def plan(command: str) -> tuple[str, list[str] | None, str]:
     if module in RUN_FULLY or "--help" in args or "debug=fdr" in args:
         return "run", [module, *args], "runs in seconds"
     needs = [why for arg, why in NEEDS.items() if arg in args]
+    needs += [why for text, why in NEEDS_IN_TEXT.items() if text in command]
+    if any(a.startswith("ckpt_path=") for a in args):  # tiny limits would change the run's planned schedule
+        needs.append("the example run's own length (tests/test_resume.py resumes and extends real runs)")
     if module == "train" and not needs:
         return "run", [module, *_tiny(args)], "trains on tiny slices"
     return "cfg", [module, *only_first_job(args), "--cfg", "job"], f"needs {', '.join(needs) or 'a long run'}"
