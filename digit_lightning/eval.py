@@ -32,6 +32,7 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from digit_lightning.atomic import atomic_open
 from digit_lightning.callbacks.dashboards import Dashboards
 from digit_lightning.checkpoint import read_checkpoint
 from digit_lightning.config import validate_config
@@ -162,7 +163,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("output_json"):
         out = Path(cfg.output_json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        with atomic_open(out) as f:  # a temp file renamed into place: a planted link is replaced, not followed
+            f.write((json.dumps(result, indent=2) + "\n").encode())
         log.info(f"Wrote {out}")
     return result
 

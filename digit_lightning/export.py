@@ -13,6 +13,8 @@ from digit_lightning import cli
 cli.answer_help(__name__, "export")  # before torch and Lightning: help needs neither
 
 import io
+import os
+import tempfile
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -23,6 +25,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from digit_lightning.atomic import TMP_PREFIX
 from digit_lightning.config import validate_config
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 from digit_lightning.ensemble import checkpoint_paths, load_model
@@ -126,14 +129,22 @@ def export(cfg: DictConfig) -> Path:
                           "output=<another file>")  # fmt: skip
     if output.is_dir():
         raise ExportError(f"output={output} is a directory; pass a file name, e.g. output={output}/digit.onnx")
+    tmp = None
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
+        # A new file beside the output, renamed over it: a planted hard link is replaced, never written through.
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + output.name, suffix=output.suffix, dir=output.parent)
+        os.close(fd)
         if cfg.format == "onnx":
-            export_onnx(net, output, cfg.opset)
+            export_onnx(net, Path(tmp), cfg.opset)
         else:
-            export_torchscript(net, output)
+            export_torchscript(net, Path(tmp))
+        os.replace(tmp, output)
     except OSError as e:
         raise ExportError(f"output={output}: cannot write it ({e.strerror or e}); pass a writable path") from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     print(f"wrote {output} ({cfg.format}, {output.stat().st_size / 1e6:.1f} MB)")
     if cfg.get("check"):
         # A batch size other than the export's example (2) shows that the batch axis is dynamic.

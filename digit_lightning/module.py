@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import lightning as L
@@ -179,15 +180,18 @@ class DigitClassifier(L.LightningModule):
         """The configured optimizer and LR scheduler (a whole-run schedule like OneCycle steps every batch)."""
         if self.optimizer_factory is None:
             raise ValueError("DigitClassifier was built without an optimizer (inference only); pass optimizer=...")
-        optimizer = self.optimizer_factory(params=self.parameters())
+        # torch checks the values (betas, pct_start, ...) only here: a bad one is the user's setting, in one line
+        with refused_as("model.optimizer"):
+            optimizer = self.optimizer_factory(params=self.parameters())
         if self.scheduler_factory is None:
             return optimizer
-        if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
-            # A whole-run schedule (OneCycleLR): give it the run's length and step it every batch.
-            steps = self.trainer.estimated_stepping_batches
-            scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=steps)
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-        scheduler = self.scheduler_factory(optimizer=optimizer)
+        with refused_as("model.scheduler"):
+            if "total_steps" in inspect.signature(self.scheduler_factory).parameters:
+                # A whole-run schedule (OneCycleLR): give it the run's length and step it every batch.
+                steps = self.trainer.estimated_stepping_batches
+                scheduler = self.scheduler_factory(optimizer=optimizer, total_steps=steps)
+                return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+            scheduler = self.scheduler_factory(optimizer=optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_train_start(self) -> None:
@@ -208,6 +212,15 @@ class DigitClassifier(L.LightningModule):
                 config.scheduler = self.scheduler_factory(
                     optimizer=scheduler.optimizer, total_steps=steps, last_epoch=scheduler.last_epoch - 1
                 )
+
+
+@contextmanager
+def refused_as(key: str) -> Iterator[None]:
+    """A ValueError or TypeError that torch raises for a configured value, as a one-line ModelError naming `key`."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:
+        raise ModelError(f"{key}: {' '.join(str(e).split())[:200]}; fix this setting") from None
 
 
 def compile_mode(device: torch.device) -> str | None:

@@ -34,7 +34,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, WeightAveraging
 
 from digit_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, check_fit, net_spec, read_checkpoint
-from digit_lightning.module import DigitClassifier
+from digit_lightning.module import DigitClassifier, refused_as
 
 log = logging.getLogger(__name__)
 MC_PATHS = ("best_model_path", "kth_best_model_path", "last_model_path")
@@ -65,8 +65,8 @@ def _like(value: Any, template: Any, where: str) -> None:
             return
         if not isinstance(value, (int, float)) or (isinstance(value, float) and math.isnan(value)):
             raise fail
-        if isinstance(template, int) and not isinstance(template, bool) and isinstance(value, int) and value < 0:
-            raise fail  # counters
+        if isinstance(template, int) and not isinstance(template, bool) and not (isinstance(value, int) and value >= 0):
+            raise fail  # counters are whole numbers >= 0
     elif value != template:  # strings (e.g. the keys a scheduler reads from param groups) and anything else
         raise fail
 
@@ -92,11 +92,13 @@ def _trial(where: str, load: Any, *args: Any) -> None:
 def _optimizer_states(raw: dict, path: Path, model: DigitClassifier) -> tuple[list, list]:
     """The checkpoint's optimizer and scheduler states, checked against throwaway ones built from `model`'s config."""
     params = list(model.parameters())
-    optimizer = model.optimizer_factory(params=params)
+    with refused_as("model.optimizer"):
+        optimizer = model.optimizer_factory(params=params)
     schedulers = []
     if model.scheduler_factory is not None:
         extra = {"total_steps": 1000} if "total_steps" in _arguments(model.scheduler_factory) else {}
-        schedulers.append(model.scheduler_factory(optimizer=optimizer, **extra))
+        with refused_as("model.scheduler"):
+            schedulers.append(model.scheduler_factory(optimizer=optimizer, **extra))
     states, scheduled = raw.get("optimizer_states"), raw.get("lr_schedulers")
     if not isinstance(states, list) or not isinstance(scheduled, list):
         raise CheckpointError(f"{path}: holds weights but no training state; it cannot be resumed")
@@ -134,6 +136,10 @@ def _optimizer_states(raw: dict, path: Path, model: DigitClassifier) -> tuple[li
     for i, (scheduler, saved) in enumerate(zip(schedulers, scheduled, strict=True)):
         _like(saved, scheduler.state_dict(), f"{path}: lr_schedulers[{i}]")
         _trial(f"{path}: lr_schedulers[{i}]", scheduler.load_state_dict, copy.deepcopy(saved))
+        planned, reached = saved.get("total_steps"), saved.get("last_epoch")
+        if isinstance(planned, int) and isinstance(reached, int) and not 0 <= reached <= planned:
+            raise CheckpointError(f"{path}: lr_schedulers[{i}].last_epoch={reached}: outside its planned "
+                                  f"{planned} steps")  # fmt: skip
     return states, scheduled
 
 
@@ -182,6 +188,11 @@ def checkpoint_file(recorded: Any, directory: Path) -> str | None:
     return str(candidate) if stat.S_ISREG(mode) and name not in ("", ".") else None
 
 
+def _score(value: Any) -> bool:
+    """A metric value as ModelCheckpoint keeps it: a real floating-point scalar tensor (±inf before any score)."""
+    return isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point() and not value.isnan()
+
+
 def _model_checkpoint(state: Any, callback: ModelCheckpoint, where: str) -> dict:
     """ModelCheckpoint's state with only the paths that are regular files of this run's checkpoints dir."""
     template = callback.state_dict()
@@ -189,7 +200,7 @@ def _model_checkpoint(state: Any, callback: ModelCheckpoint, where: str) -> dict
         raise CheckpointError(f"{where}: not a ModelCheckpoint state")
     for key in ("best_model_score", "current_score", "kth_value"):
         value = state[key]
-        if value is not None and not (isinstance(value, torch.Tensor) and value.dim() == 0):
+        if value is not None and not _score(value):
             raise CheckpointError(f"{where}.{key}: {_show(value)}, not a score")
     if callback.dirpath is None:
         return {}
@@ -206,7 +217,7 @@ def _model_checkpoint(state: Any, callback: ModelCheckpoint, where: str) -> dict
     kept = {}
     for recorded, score in best_k.items():
         found = keep("best_k_models", recorded)
-        if found and isinstance(score, torch.Tensor) and score.dim() == 0:
+        if found and _score(score):
             kept[found] = score
     rebuilt = {**template, "best_k_models": kept, "dirpath": callback.dirpath, "current_score": state["current_score"]}
     for key in MC_PATHS:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import stat
 from pathlib import Path
 
 import yaml
@@ -34,6 +35,7 @@ NOT_TAKEN = ("paths", "hydra", "ckpt_path")
 WRITES_TO = frozenset({"dirpath", "filename", "save_dir", "default_root_dir", "name", "version", "sub_dir", "storage",
                        "log_dir", "root_dir", "data_dir", "output_dir", "filepath", "path", "task_name"})  # fmt: skip
 RUN_SUBDIRS = (".hydra", "checkpoints", "tensorboard", "csv")  # what a run writes into, besides its top level
+REQUIRED_NODES = frozenset({"model", "model.net", "model.optimizer", "data", "trainer", "extras"})  # never null
 log = logging.getLogger(__name__)
 
 
@@ -128,24 +130,44 @@ def resume_dir(ckpt_path: str | None, log_dir: str, new_dir: str) -> str:
     return str(run)
 
 
-def has_links(run_dir: Path) -> list[Path]:
-    """The symbolic links in a run dir: at its top level (train.log, .lock, metrics.json, ...) and anywhere in what
-    a run writes into (.hydra/, checkpoints/, tensorboard/, csv/)."""
+def _unsafe(path: Path) -> str | None:
+    """Why a run may not write at `path`: a symbolic link, a hard link (a file with other names, maybe outside the
+    run), or a FIFO, socket or device (a write would block or go elsewhere); None for a plain file or directory."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "a symbolic link"
+    if stat.S_ISREG(info.st_mode):
+        return "a hard link (a file with another name)" if info.st_nlink > 1 else None
+    return None if stat.S_ISDIR(info.st_mode) else "not a regular file or directory"
+
+
+def has_links(run_dir: Path) -> list[tuple[Path, str]]:
+    """What a run must not write through in its dir, with why: links and special files at its top level (train.log,
+    .lock, metrics.json, ...) and anywhere in what a run writes into (.hydra/, checkpoints/, tensorboard/, csv/), and
+    a file where a run writes a directory."""
     run_dir = Path(run_dir)
-    found = [p for p in run_dir.iterdir() if p.is_symlink()] if run_dir.is_dir() else []
-    for sub in RUN_SUBDIRS:
-        for root, dirs, files in os.walk(run_dir / sub):
-            found += [Path(root, name) for name in dirs + files if os.path.islink(os.path.join(root, name))]
-    return found
+    entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
+    found = []
+    for sub in (*RUN_SUBDIRS, ".hydra/resume"):
+        path = run_dir / sub
+        if path.exists() and not path.is_dir():
+            found.append((path, "not a directory"))
+        for root, dirs, files in os.walk(path):
+            entries += [Path(root, name) for name in dirs + files]
+    return [(p, why) for p in entries if (why := _unsafe(p))] + found
 
 
 def refuse_links(run_dir: Path) -> None:
-    """Refuse a run dir that holds a symbolic link: a run writes into its dir, and through a planted link it would
-    write, append or delete elsewhere."""
+    """Refuse a run dir that holds a link or a special file: a run writes into its dir, and through a planted link
+    it would write, append or delete elsewhere (a FIFO would block it)."""
     found = has_links(run_dir)
     if found:
-        raise ResumeError(f"{run_dir}: {found[0].relative_to(run_dir)} is a symbolic link; a run dir holding links is "
-                          "refused (a run would write through them); remove it, or start a new run")  # fmt: skip
+        path, why = found[0]
+        raise ResumeError(f"{run_dir}: {path.relative_to(run_dir)} is {why}; a run dir holding links or special files "
+                          "is refused (a run would write through them); remove it, or start a new run")  # fmt: skip
 
 
 def resume_subdir(ckpt_path: str | None, log_dir: str) -> str:
@@ -237,14 +259,17 @@ def _overlay(base: object, saved: object, where: str, dropped: list[str]) -> obj
             below = f"{where}.{k}"
             if k in base and not str(k).startswith("_"):
                 merged[k] = _overlay(base[k], v, below, dropped)
-            elif k not in base and "_target_" in base and _plain(v) and not _writes(below):
+            elif (
+                k not in base and "_target_" in base and not str(k).startswith("_") and _plain(v) and not _writes(below)
+            ):
                 merged[k] = v  # an argument added with +key=value
             elif v != base.get(k):
                 dropped.append(below)
         return merged
     derived = isinstance(base, str) and "${" in base
     node = isinstance(base, dict) or (isinstance(base, list) and not _plain(base))
-    if derived or _writes(where) or not _plain(saved) or (node and saved is not None):
+    required = where in REQUIRED_NODES
+    if derived or _writes(where) or not _plain(saved) or (node and (saved is not None or required)):
         dropped.append(where)
         return base
     return saved

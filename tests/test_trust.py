@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from digit_lightning.checkpoint import CheckpointError, check_resumable, load_checkpoint
 from digit_lightning.cli import EXIT_USER_ERROR, compose_config, instantiate_group
+from digit_lightning.errors import UserError
 from digit_lightning.export import ExportError, export
 from digit_lightning.models import ModelError, build_net
 from digit_lightning.module import DigitClassifier
@@ -283,6 +284,32 @@ def test_crafted_training_states_are_refused_in_one_line(base_run, make_cfg, tmp
     assert "\n" not in str(raised.value) and str(run) in str(raised.value)
 
 
+def set_scores(mc: dict, value: torch.Tensor) -> None:
+    mc["best_model_score"] = value
+    mc["best_k_models"] = {k: value for k in mc["best_k_models"]}
+
+
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [  # the attack review's: states of the right shape whose values Lightning or torch fail on later
+        (lambda c: c["lr_schedulers"][0].update(last_epoch=10**9, _step_count=10**9), "last_epoch=1000000000"),
+        (lambda c: c["loops"]["fit_loop"]["epoch_progress"]["total"].update(ready=-3.5), "epoch_progress.total.ready"),
+        (
+            lambda c: set_scores(
+                next(v for k, v in c["callbacks"].items() if k.startswith("ModelCheckpoint{'monitor'")),
+                torch.tensor(1 + 1j),
+            ),
+            "best_model_score",
+        ),  # fmt: skip
+    ],
+)
+def test_out_of_range_training_states_are_refused_in_one_line(base_run, make_cfg, tmp_path: Path, edit, error):
+    run = copied_run(base_run, tmp_path, lambda checkpoint, mc, run: edit(checkpoint))
+    with pytest.raises(CheckpointError, match=error) as raised:
+        train(make_cfg(f"paths.output_dir={run}", f"ckpt_path={run}", "trainer.max_epochs=2", *RESUME))
+    assert "\n" not in str(raised.value)
+
+
 # --- A run dir's config is a stranger's input: rebuilt from the package's config, plain values only (issue 25) ---
 
 
@@ -344,6 +371,46 @@ def test_a_run_dir_config_cannot_move_where_the_run_writes(base_run, tmp_path: P
     assert (run / "checkpoints" / "epoch_001.ckpt").is_file() and list((run / "tensorboard").rglob("events.*"))
 
 
+def put(tree: dict, where: str, value) -> None:
+    *parents, key = where.split(".")
+    for part in parents:
+        tree = tree[part]
+    tree[key] = value
+
+
+@pytest.mark.parametrize(
+    ("where", "value"),
+    [
+        ("model", None),
+        ("trainer", None),
+        ("data", None),
+        ("model.optimizer", None),
+        ("callbacks.finite_loss._partial_", True),
+        ("callbacks.dashboards._args_", [1]),
+    ],  # fmt: skip
+)
+def test_a_run_dir_config_cannot_null_a_node_or_add_hydra_keys(base_run, tmp_path: Path, where: str, value):
+    """The attack review's: `model: null` (a traceback), `_partial_`/`_args_` added to a known target."""
+    _, cfg = resume_planted(base_run, tmp_path, lambda tree, overrides: put(tree, where, value))
+    assert OmegaConf.select(cfg, where.rsplit(".", 1)[0] if "._" in where else where) is not None
+    assert OmegaConf.select(cfg, where) is None or not where.rsplit(".", 1)[-1].startswith("_")
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "error"),
+    [
+        ("model.optimizer.betas", [2, 3], "model.optimizer: Invalid beta parameter"),
+        ("model.scheduler.pct_start", 7, "model.scheduler: Expected float between 0 and 1 pct_start"),
+    ],  # fmt: skip
+)
+def test_bad_plain_values_in_a_run_dir_config_are_one_line(base_run, tmp_path: Path, where: str, value, error):
+    """Plain values are taken from a run dir's config; torch checks some only when it builds the optimizer."""
+    _, cfg = resume_planted(base_run, tmp_path, lambda tree, overrides: put(tree, where, value))
+    with pytest.raises(UserError, match=error) as raised:
+        train(cfg)
+    assert "\n" not in str(raised.value)
+
+
 def test_net_arguments_from_a_run_dir_are_bounded(base_run, tmp_path: Path):
     """`hidden=10**13` in a run dir's config (model=fast) would allocate 32 PB: refused in one line when built."""
 
@@ -374,8 +441,49 @@ def test_a_run_dir_holding_links_is_refused(base_run, tmp_path: Path, link: str)
     (run / link).symlink_to(run / link if link == ".lock" else victim)  # .lock: a link loop
     assert resume_dir(str(run), str(tmp_path), "new") == "new"
     for refuse in (refuse_links, lock_run_dir):
-        with pytest.raises(ResumeError, match=f"{link} is a symbolic link; a run dir holding links is refused"):
+        with pytest.raises(ResumeError, match=f"{link} is a symbolic link; a run dir holding links or special"):
             refuse(run)
+
+
+@pytest.mark.parametrize(
+    ("plant", "why"),
+    [
+        ("hard:train.log", "a hard link"),
+        ("hard:.hydra/resume/overrides.yaml", "a hard link"),
+        ("fifo:train.log", "not a regular file or directory"),
+        ("file:.hydra/resume", "not a directory"),
+        ("file:tensorboard", "not a directory"),
+    ],
+)
+def test_a_run_dir_holding_hard_links_or_special_files_is_refused(base_run, tmp_path: Path, plant: str, why: str):
+    """The attack review's cases: a hard link to a file outside (Hydra and the log would write into the victim), a
+    FIFO as train.log (the run would hang), a file where a run writes a directory (Hydra's traceback)."""
+    run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
+    kind, name = plant.split(":")
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    target = run / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.unlink(missing_ok=True) if not target.is_dir() else shutil.rmtree(target)
+    {
+        "hard": lambda: os.link(victim, target),
+        "fifo": lambda: os.mkfifo(target),
+        "file": lambda: target.write_text("x"),
+    }[kind]()
+    assert resume_dir(str(run), str(tmp_path), "new") == "new"  # Hydra writes into a new dir, not through it
+    with pytest.raises(ResumeError, match=f"{name} is {why}"):
+        refuse_links(run)
+    assert victim.read_text() == "keep"
+
+
+def test_export_replaces_a_hard_linked_default_output_instead_of_writing_through_it(base_run, tmp_path: Path):
+    shutil.copytree(base_run / "checkpoints", tmp_path / "checkpoints")
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    os.link(victim, tmp_path / "checkpoints" / "last.onnx")
+    cfg = compose_config([f"ckpt_path={tmp_path}/checkpoints/last.ckpt", "format=onnx"], config_name="export")
+    export(cfg)
+    assert victim.read_text() == "keep" and (tmp_path / "checkpoints" / "last.onnx").stat().st_size > 1000
 
 
 def test_a_lock_that_cannot_be_opened_is_one_line(tmp_path: Path):
