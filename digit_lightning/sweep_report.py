@@ -31,13 +31,27 @@ from omegaconf import DictConfig
 
 from digit_lightning.atomic import atomic_open
 from digit_lightning.cli import EXIT_USER_ERROR, UserError
-from digit_lightning.names import short_value
+from digit_lightning.names import run_name, short_value
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 METRIC_ORDER = ["val/acc_best", "test/acc", "test/loss", "val/acc", "val/loss", "train/acc", "train/loss"]
+
+
+def job_name(job_dir: Path, overrides: dict[str, str]) -> str | None:
+    """A job's short name: its TensorBoard run's, or, without TensorBoard (logger=none), the same name built from
+    the values its Optuna sweeper searched (`hydra.sweeper.params` in the job's .hydra/hydra.yaml)."""
+    names = sorted(p.name for p in (job_dir / "tensorboard").glob("*") if p.is_dir())
+    if names:
+        return names[0]
+    try:
+        hydra = (yaml.safe_load((job_dir / ".hydra" / "hydra.yaml").read_text()) or {}).get("hydra") or {}
+        searched = (hydra.get("sweeper") or {}).get("params") or {}
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return run_name((k, v) for k, v in overrides.items() if k in searched) or None
 
 
 def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
@@ -61,9 +75,9 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
             log.warning(f"Sweep report: skipping job {job_dir.name}: {reading} cannot be read "
                         f"({' '.join(str(e).split())[:200]})")  # fmt: skip
             continue
-        names = sorted(p.name for p in (job_dir / "tensorboard").glob("*") if p.is_dir())  # its TensorBoard run
-        run = names[0] if names else None
-        jobs.append({"job": job_dir.name, "overrides": overrides, "metrics": metrics, "run": run})
+        jobs.append(
+            {"job": job_dir.name, "overrides": overrides, "metrics": metrics, "run": job_name(job_dir, overrides)}
+        )
     jobs.sort(key=lambda j: (not j["job"].isdigit(), int(j["job"]) if j["job"].isdigit() else j["job"]))
     return jobs
 

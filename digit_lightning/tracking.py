@@ -211,9 +211,13 @@ class WandbLogger(lightning_loggers.WandbLogger):
 
 
 def figure_pixels(fig: Figure) -> np.ndarray:
-    """A matplotlib figure as an HxWx3 uint8 array."""
-    fig.canvas.draw()
-    return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+    """A matplotlib figure as an HxWx3 uint8 array, drawn by an Agg canvas of its own (the library's figures are
+    plain `Figure`s with no pyplot backend behind them)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 TRACKERS = (MLFlowLogger, WandbLogger)

@@ -110,10 +110,14 @@ def test_sigkill_after_an_epoch_that_did_not_improve_resumes_from_that_epoch(mni
     assert saved_at(last) == (5, 6 * per_epoch)
     ends = [(e + 1) * per_epoch - 1 for e in range(6)]
     assert scalar_steps(run, "val/acc") == ends  # each epoch validated once, at its own step
-    resumed_files = sorted((run / "tensorboard").rglob("events.out.tfevents.*"), key=lambda p: p.stat().st_mtime)
-    events = EventAccumulator(str(resumed_files[-1]), size_guidance={"scalars": 0})  # the resumed process's own
-    events.Reload()
-    assert min(e.step for e in events.Scalars("train/loss")) >= step  # nothing before the kill trained again
+    trained_again = []  # train/loss steps in the event files the resumed process wrote (their names end .<pid>.<n>)
+    for path in (run / "tensorboard").rglob("events.out.tfevents.*"):
+        if path.name.split(".")[-2] != str(proc.pid):
+            events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+            events.Reload()
+            if "train/loss" in events.Tags()["scalars"]:
+                trained_again += [e.step for e in events.Scalars("train/loss")]
+    assert trained_again and min(trained_again) >= step  # nothing before the kill trained again
 
 
 def test_ckpt_path_last_is_the_newest_single_run_and_a_sweep_dir_its_newest_job(tmp_path: Path):

@@ -160,6 +160,7 @@ def test_joblib_multirun_runs_jobs_in_parallel_and_reports(run_cli, tmp_path: Pa
         assert 0.1 < metrics["val/acc_best"] <= 1.0
         assert list((sweep / job / "tensorboard").rglob("events.out.tfevents.*"))  # in a dir named by the job
     rows = list(csv.reader((sweep / "sweep_report.csv").open()))
-    assert rows[0][:3] == ["job", "model.optimizer.lr", "val/acc_best"]
-    assert [float(r[2]) for r in rows[1:]] == sorted((float(r[2]) for r in rows[1:]), reverse=True)
+    assert rows[0][:4] == ["job", "run", "model.optimizer.lr", "val/acc_best"]  # run: the job's TensorBoard run
+    assert sorted(r[1] for r in rows[1:]) == ["lr=1e-4", "lr=3e-3"]
+    assert [float(r[3]) for r in rows[1:]] == sorted((float(r[3]) for r in rows[1:]), reverse=True)
     assert (sweep / "sweep_report.png").is_file()
