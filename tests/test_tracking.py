@@ -178,7 +178,7 @@ def test_a_sweep_is_one_experiment_and_one_group_with_jobs_named_as_in_tensorboa
         "trainer.max_epochs=1", "test=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    names = {"lr=0.001", "lr=0.003"}
+    names = {"lr=1e-3", "lr=3e-3"}  # names.short_value: 3 significant digits
     tensorboard = [p.name for job in ("0", "1") for p in (sweep / job / "tensorboard").iterdir()]
     assert sorted(tensorboard) == sorted(names)  # TensorBoard's run of each job: <job dir>/tensorboard/<name>/
 
@@ -189,7 +189,7 @@ def test_a_sweep_is_one_experiment_and_one_group_with_jobs_named_as_in_tensorboa
     for run in runs:
         files = set(artifacts(client, run.info.run_id))
         assert {"config/config.yaml", "config/overrides.yaml", "metrics.json"} <= files
-        assert run.data.params["lr"] == run.info.run_name.removeprefix("lr=")
+        assert float(run.data.params["lr"]) == float(run.info.run_name.removeprefix("lr="))  # full value, short name
 
     groups = {}
     for job in ("0", "1"):
