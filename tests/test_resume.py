@@ -178,7 +178,8 @@ def test_sigterm_saves_a_checkpoint_that_resumes_into_the_same_run(mnist_dir: Pa
     events = EventAccumulator(str(run / "tensorboard"))  # one TensorBoard run, written by all three processes
     events.Reload()
     assert [e.step for e in events.Scalars("val/acc")] == [149, 299, 449]
-    assert len(list((run / "tensorboard").glob("events.out.tfevents.*"))) == 3
+    writers = {p.name.split(".")[-2] for p in (run / "tensorboard").glob("events.out.tfevents.*")}  # by pid
+    assert len(writers) == 3  # a finished process also writes its whole_run summary file
 
 
 class SigtermMidValidation(L.Callback):
