@@ -200,30 +200,35 @@ def copied_run(base_run: Path, tmp_path: Path, edit) -> Path:
     return run
 
 
-def test_a_url_as_best_model_path_is_never_fetched(base_run, make_cfg, tmp_path: Path):
-    """Reproducer 1: MC.best_model_path = a served pickle; Lightning's test(ckpt_path=best) would unpickle it."""
-    marker = tmp_path / "PWNED"
+@pytest.fixture
+def evil_url(tmp_path: Path):
+    """A pickle that touches `tmp_path/PWNED` when unpickled, served by a real http.server on 127.0.0.1; its URL."""
     served = tmp_path / "www"
     served.mkdir()
-    torch.save({"x": Evil(marker)}, served / "evil.ckpt")
+    torch.save({"x": Evil(tmp_path / "PWNED")}, served / "evil.ckpt")
     server = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"], cwd=served,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
     try:
         port = int(server.stdout.readline().split(" port ")[1].split()[0])
-        url = f"http://127.0.0.1:{port}/evil.ckpt"
-
-        def edit(checkpoint: dict, mc: dict, run: Path) -> None:
-            mc.update(best_model_path=url, dirpath=str(run / "checkpoints"), best_model_score=torch.tensor(0.0))
-
-        run = copied_run(base_run, tmp_path, edit)
-        for epochs in (1, 2):  # a finished run (nothing to fit), then one more epoch
-            cfg = make_cfg(f"paths.output_dir={run}", f"ckpt_path={run}/checkpoints/last.ckpt",
-                           f"trainer.max_epochs={epochs}", *RESUME)  # fmt: skip
-            metrics = train(cfg)
-            assert "test/acc" in metrics and not marker.exists()
+        yield f"http://127.0.0.1:{port}/evil.ckpt"
     finally:
         server.terminate()
         server.wait()
+
+
+def test_a_url_as_best_model_path_is_never_fetched(base_run, make_cfg, tmp_path: Path, evil_url: str):
+    """Reproducer 1: MC.best_model_path = a served pickle; Lightning's test(ckpt_path=best) would unpickle it."""
+    marker = tmp_path / "PWNED"
+
+    def edit(checkpoint: dict, mc: dict, run: Path) -> None:
+        mc.update(best_model_path=evil_url, dirpath=str(run / "checkpoints"), best_model_score=torch.tensor(0.0))
+
+    run = copied_run(base_run, tmp_path, edit)
+    for epochs in (1, 2):  # a finished run (nothing to fit), then one more epoch
+        cfg = make_cfg(f"paths.output_dir={run}", f"ckpt_path={run}/checkpoints/last.ckpt",
+                       f"trainer.max_epochs={epochs}", *RESUME)  # fmt: skip
+        metrics = train(cfg)
+        assert "test/acc" in metrics and not marker.exists()
     assert not marker.exists()
 
 
@@ -535,28 +540,18 @@ def test_sweep_report_replaces_a_linked_report_instead_of_writing_through_it(tmp
 
 
 @pytest.mark.slow  # the CLI twin of the URL and deletion reproducers above, on a run dir as the CLI reads it
-def test_cli_resume_of_a_crafted_run_dir_fetches_and_deletes_nothing(base_run, run_cli, tmp_path: Path):
+def test_cli_resume_of_a_crafted_run_dir_fetches_and_deletes_nothing(base_run, run_cli, tmp_path: Path, evil_url):
     marker, victim = tmp_path / "PWNED", tmp_path / "VICTIM_file"
     victim.write_text("keep")
-    served = tmp_path / "www"
-    served.mkdir()
-    torch.save({"x": Evil(marker)}, served / "evil.ckpt")
-    server = subprocess.Popen([sys.executable, "-m", "http.server", "0", "--bind", "127.0.0.1"], cwd=served,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-    try:
-        port = int(server.stdout.readline().split(" port ")[1].split()[0])
-        run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
-        path = run / "checkpoints" / "last.ckpt"
-        checkpoint = torch.load(path, weights_only=True)
-        mc = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
-        escape = f"{run}/checkpoints/../../{victim.name}"
-        mc.update(best_model_path=f"http://127.0.0.1:{port}/evil.ckpt", dirpath=str(run / "checkpoints"),
-                  best_k_models={escape: torch.tensor(0.0)}, kth_best_model_path=escape)  # fmt: skip
-        torch.save(checkpoint, path)
-        result = run_cli("digit_lightning.train", f"ckpt_path={run}", "trainer.max_epochs=2", *RESUME, cwd=tmp_path)
-    finally:
-        server.terminate()
-        server.wait()
+    run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
+    path = run / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    mc = next(v for k, v in checkpoint["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    escape = f"{run}/checkpoints/../../{victim.name}"
+    mc.update(best_model_path=evil_url, dirpath=str(run / "checkpoints"),
+              best_k_models={escape: torch.tensor(0.0)}, kth_best_model_path=escape)  # fmt: skip
+    torch.save(checkpoint, path)
+    result = run_cli("digit_lightning.train", f"ckpt_path={run}", "trainer.max_epochs=2", *RESUME, cwd=tmp_path)
     assert result.returncode == 0 and "Traceback" not in result.stdout + result.stderr, result.stderr[-3000:]
     assert "best_model_path='http://127.0.0.1" in result.stdout + result.stderr  # named in the "dropped" warning
     assert not marker.exists() and victim.read_text() == "keep"
