@@ -82,7 +82,7 @@ class ResumableRun(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """A fit that ended between epoch ends (`trainer.max_steps`): save `last.ckpt`, the newest state."""
         if self._saved_step != trainer.global_step and not trainer.fast_dev_run:
-            trainer.save_checkpoint(self._last_path(trainer))
+            trainer.save_checkpoint(self._last_path(trainer), weights_only=False)
 
     def _last_path(self, trainer: L.Trainer) -> Path:
         return (Path(self.dirpath or Path(trainer.default_root_dir) / "checkpoints") / LAST).resolve()
@@ -95,7 +95,9 @@ class ResumableRun(L.Callback):
             return
         self.saved = self._last_path(trainer)
         self._validation_cut_off = trainer.validating  # fit's validation (Lightning stops it between batches)
-        trainer.save_checkpoint(self.saved)  # every rank calls it (it synchronizes); rank 0 writes
+        # every rank calls it (it synchronizes); rank 0 writes. weights_only=False said outright, else Lightning logs
+        # "`weights_only` was not set, defaulting to `False`" (about what it saves, not how anything is loaded)
+        trainer.save_checkpoint(self.saved, weights_only=False)
         self._validation_cut_off = False
         what = "SIGTERM" if isinstance(exception, SIGTERMException) else "Ctrl-C"
         self._report(what, trainer.current_epoch, trainer.global_step)
