@@ -23,10 +23,12 @@ from hydra.errors import HydraException, InstantiationException, MissingConfigEx
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from digit_lightning import CONFIG_DIR, resolvers  # noqa: F401  (resolvers: registers those conf/hydra uses)
+from digit_lightning import CONFIG_DIR, resolvers, schema  # noqa: F401  (resolvers: registers those conf/hydra uses)
+from digit_lightning.config import type_error
 from digit_lightning.errors import EXIT_SIGTERM, EXIT_SOME_FAILED, EXIT_USER_ERROR, UserError  # noqa: F401
 
 SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"  # read before run() sets it for its own use
+schema.register()  # the typed bases of conf/ (Hydra's ConfigStore), before any entry point composes
 
 
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
@@ -35,7 +37,13 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
     `paths.output_dir` comes from the Hydra run directory on the command line; pass it as an override here.
     """
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=config_name, overrides=list(overrides))
+        try:
+            return compose(config_name=config_name, overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as e:
+            typed = type_error(e)  # a value of the wrong type: the same ConfigError as a value out of range
+            if typed is None:
+                raise
+            raise typed from e
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -50,6 +58,8 @@ def instantiate_group(cfg: DictConfig | None) -> list[Any]:
 def one_line(error: BaseException) -> str:
     """A Hydra, OmegaConf or instantiation error as one line that says what to change."""
     cause = error.__cause__
+    if (typed := type_error(error)) is not None:  # OmegaConf's ValidationError of a typed setting (schema.py)
+        return str(typed)
     if isinstance(error, MissingConfigException) and error.options is not None and error.missing_cfg_file:
         group, _, option = error.missing_cfg_file.rpartition("/")
         return f"{group}={option}: no such option in group '{group}'; choose from: {', '.join(error.options)}"

@@ -1,8 +1,11 @@
 """Checks of our own settings, run before any data is touched or a model built.
 
-Lightning checks its Trainer's arguments itself, and Hydra's instantiation reports an argument a class does not
-take; here are only the keys this package defines, and misspelt keys anywhere (which would otherwise be ignored
-until late, or forever). Each failure is one `ConfigError` line naming the key, the value and what is allowed.
+Types and ranges are declared once, beside each field, in digit_lightning/schema.py: OmegaConf checks the types of
+the typed groups while Hydra composes (`type_error` says that refusal in our words), `validate_config` checks every
+range, typed or plain config alike. Lightning checks its Trainer's arguments itself; here are also misspelt keys
+anywhere (a `_target_`'s arguments, the top-level keys), which would otherwise be ignored until late, or forever, and
+the checks that span keys (folds, a resumed training's one checkpoint). Each failure is one `ConfigError` line
+naming the key, the value and what is allowed.
 """
 
 from __future__ import annotations
@@ -10,59 +13,19 @@ from __future__ import annotations
 import difflib
 import inspect
 import logging
-import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ValidationError
 
-from digit_lightning import CONFIG_DIR
+from digit_lightning import CONFIG_DIR, schema
 from digit_lightning.errors import UserError
-
-MNIST_TRAIN_IMAGES = 60_000  # data.val_size is carved out of these
 
 
 class ConfigError(UserError):
     """A setting the user can fix; the message names the key, its value and what is allowed."""
-
-
-def _int(low: int, high: float = math.inf) -> Callable[[Any], bool]:
-    return lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high
-
-
-def _positive(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
-
-
-def _bool(v: Any) -> bool:
-    return isinstance(v, bool)
-
-
-# key -> (check, what is allowed); a key absent from the config is not checked.
-RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "data.data_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a directory path"),
-    "data.batch_size": (_int(1), "an integer >= 1"),
-    "data.eval_batch_size": (lambda v: v is None or _int(1)(v), "an integer >= 1, or null"),
-    "data.val_size": (_int(1, MNIST_TRAIN_IMAGES - 1), f"an integer from 1 to {MNIST_TRAIN_IMAGES - 1}"),
-    "data.split_seed": (_int(-(2**63)), "an integer"),
-    "data.num_folds": (lambda v: v is None or _int(2, MNIST_TRAIN_IMAGES)(v), "null (no folds) or an integer >= 2"),
-    "data.fold": (_int(0), "an integer >= 0 (below data.num_folds)"),
-    "model.optimizer.lr": (_positive, "a finite number > 0"),
-    "model.scheduler.max_lr": (_positive, "a finite number > 0"),
-    "seed": (lambda v: v is None or _int(0, 2**32 - 1)(v), "an integer from 0 to 2**32-1, or null"),
-    "cpu_threads": (lambda v: v is None or v == "auto" or _int(1)(v), "auto, an integer >= 1, or null"),
-    "flush_denormal": (_bool, "true or false"),
-    "train": (_bool, "true or false"),
-    "test": (_bool, "true or false"),
-    "run_model": (lambda v: v in ("auto", "last", "best"), "auto, last or best"),
-    "extras.print_config": (_bool, "true or false"),
-    "tta": (_bool, "true or false"),
-    "trainer.max_epochs": (lambda v: v is None or _int(-1)(v), "a whole number >= 0 (-1: no limit), or null"),
-    "trainer.min_epochs": (lambda v: v is None or _int(0)(v), "a whole number >= 0, or null"),
-    "trainer.max_steps": (_int(-1), "a whole number >= 0 (-1: no limit)"),
-}
 
 
 def show(value: Any) -> str:
@@ -135,10 +98,10 @@ def validate_config(cfg: DictConfig, config_name: str = "train") -> None:
         raise ConfigError(f"{unknown[0]}={show(tree[unknown[0]])}: no such setting; {hint}")
     _check_keys(tree, "")
     missing = object()
-    for key, (ok, allowed) in RULES.items():
+    for key, setting in schema.settings():
         value = OmegaConf.select(cfg, key, default=missing)
-        if value is not missing and not ok(value):
-            raise ConfigError(f"{key}={show(value)}: must be {allowed}")
+        if value is not missing and not setting.metadata["ok"](value):
+            raise ConfigError(f"{key}={show(value)}: must be {setting.metadata['allowed']}")
     ckpt = cfg.get("ckpt_path")
     if config_name == "train" and ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"ckpt_path={show(ckpt)}: a training resumes one run; pass one checkpoint (last, a run dir "
@@ -149,6 +112,18 @@ def validate_config(cfg: DictConfig, config_name: str = "train") -> None:
                           "validates on the fixed split of data.val_size images")  # fmt: skip
     if folds is not None and fold is not None and fold >= folds:
         raise ConfigError(f"data.fold={fold}: must be from 0 to {folds - 1} (data.num_folds={folds})")
+
+
+def type_error(error: BaseException) -> ConfigError | None:
+    """OmegaConf's refusal of a value for a typed setting (a ValidationError, raised while Hydra composes, or that
+    error as the cause of Hydra's) as the line `validate_config` gives for a bad value; None for any other error."""
+    cause = error if isinstance(error, ValidationError) else error.__cause__
+    if not isinstance(cause, ValidationError) or cause.full_key is None:
+        return None
+    allowed = {key: f.metadata["allowed"] for key, f in schema.settings()}.get(str(cause.full_key))
+    if not allowed:
+        return None
+    return ConfigError(f"{cause.full_key}={show(cause.value)}: must be {allowed}")
 
 
 def trainer_error(error: Exception, cfg: DictConfig) -> ConfigError:

@@ -9,9 +9,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
+from digit_lightning import schema
 from digit_lightning.cli import CONFIG_DIR, EXIT_USER_ERROR, compose_config, one_line
-from digit_lightning.config import ConfigError, validate_config
+from digit_lightning.config import ConfigError, type_error, validate_config
 from digit_lightning.train import train
 
 # override -> the start of the one line the CLI must print (after "error: ")
@@ -164,3 +167,47 @@ def test_other_entry_points_report_bad_settings_in_one_line(run_cli, tmp_path: P
     assert result.returncode == EXIT_USER_ERROR, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), result.stderr
+
+
+# --- the schema (digit_lightning/schema.py): types while composing, ranges in validate_config, plain configs too ----
+
+
+def test_a_type_error_is_classified_by_its_exception_type_not_its_text():
+    cfg = compose_config(["paths.output_dir=/tmp/x"])
+    with pytest.raises(ValidationError) as err:
+        cfg.data.batch_size = "abc"
+    assert str(type_error(err.value)) == "data.batch_size=abc: must be an integer >= 1"  # OmegaConf's own error
+    with pytest.raises(ConfigError, match=r"^data\.batch_size=abc: must be an integer >= 1$"):
+        compose_config(["paths.output_dir=/tmp/x", "data.batch_size=abc"])
+    assert type_error(ValueError("data.batch_size=abc")) is None  # only OmegaConf's ValidationError
+
+
+def test_a_plain_config_gets_the_same_checks_as_a_typed_one():
+    """A resumed run's config is rebuilt as plain data (runs.resumed_config): the ranges and types still hold."""
+    plain = OmegaConf.create(OmegaConf.to_container(compose_config(["paths.output_dir=/tmp/x"])))
+    assert OmegaConf.get_type(plain.data) is dict
+    validate_config(plain)
+    plain.data.batch_size = "abc"
+    with pytest.raises(ConfigError, match=r"^data\.batch_size=abc: must be an integer >= 1$"):
+        validate_config(plain)
+
+
+def test_the_typed_groups_are_checked_while_composing_and_the_open_ones_take_new_arguments():
+    cfg = compose_config(
+        ["paths.output_dir=/tmp/x", "+trainer.limit_train_batches=3", "+model.optimizer.betas=[0.7,0.9]"]
+    )
+    assert OmegaConf.get_type(cfg.data) is schema.Data and OmegaConf.get_type(cfg.model) is schema.Model
+    assert cfg.trainer.limit_train_batches == 3 and list(cfg.model.optimizer.betas) == [0.7, 0.9]
+    with pytest.raises(ConfigError, match=r"^extras\.print_config=maybe: must be true or false$"):
+        compose_config(["paths.output_dir=/tmp/x", "extras.print_config=maybe"])
+
+
+def test_every_declared_setting_is_a_key_of_the_shipped_configs():
+    """The schema and the yaml describe the same keys (a renamed key in one of them fails here)."""
+    train, evaluate = compose_config(["paths.output_dir=/tmp/x"]), compose_config(["ckpt_path=x"], "eval")
+    optional = {"model.optimizer.weight_decay", "trainer.max_steps", "tta"}  # their class's default unless set
+    missing = object()
+    absent = [key for key, _ in schema.settings()
+              if key not in optional and OmegaConf.select(train, key, default=missing) is missing]  # fmt: skip
+    assert not absent
+    assert OmegaConf.select(evaluate, "tta") is False and OmegaConf.select(evaluate, "data.batch_size") == 16
