@@ -10,10 +10,9 @@ conf/logger/tensorboard.yaml, which names a multirun job's TensorBoard run after
 
 from __future__ import annotations
 
-import inspect
 import re
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +22,13 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
-from hydra.utils import get_class
 from lightning.pytorch import loggers as lightning_loggers
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from digit_lightning import schema
 from digit_lightning.names import run_name, short_value
 from digit_lightning.runs import ResumeError, recorded_choices, resumed_config, run_dir_of
 
@@ -66,40 +65,6 @@ def metric_names(metrics: Mapping[str, Any]) -> dict[str, Any]:
 def logger_of(loggers: Iterable[Logger]) -> lightning_loggers.TensorBoardLogger | None:
     """The TensorBoard logger among `loggers` (`trainer.loggers`), if any (`logger=csv` or `none` has none)."""
     return next((lg for lg in loggers if isinstance(lg, lightning_loggers.TensorBoardLogger)), None)
-
-
-def _class_name(node: Any) -> str:
-    return str(node["_target_"]).rsplit(".", 1)[-1] if node and node.get("_target_") else "none"
-
-
-def _weight_decay(optimizer: DictConfig) -> float:
-    """The optimizer's weight decay: the config's, else its class default (AdamW's is 0.01, Adam's 0)."""
-    if "weight_decay" in optimizer:
-        return float(optimizer.weight_decay)
-    try:
-        default = inspect.signature(get_class(optimizer._target_)).parameters["weight_decay"].default
-    except (ImportError, KeyError, ValueError, AttributeError):
-        return 0.0
-    return float(default) if isinstance(default, (int, float)) else 0.0
-
-
-def _augmentation(augment: Any) -> str:
-    return " ".join(f"{k}={v}" for k, v in augment.items()) if augment else "none"
-
-
-# name in HParams -> (the config key it shows, how to read it)
-CURATED: dict[str, tuple[str, Callable[[DictConfig], Any]]] = {
-    "model": ("model.net", lambda c: c.model.net.name),
-    "optimizer": ("model.optimizer._target_", lambda c: _class_name(c.model.optimizer)),
-    "lr": ("model.optimizer.lr", lambda c: float(c.model.optimizer.lr)),
-    "weight_decay": ("model.optimizer.weight_decay", lambda c: _weight_decay(c.model.optimizer)),
-    "batch_size": ("data.batch_size", lambda c: int(c.data.batch_size)),
-    "epochs": ("trainer.max_epochs", lambda c: int(c.trainer.max_epochs)),
-    "schedule": ("model.scheduler", lambda c: _class_name(c.model.get("scheduler")).replace("none", "constant")),
-    "augmentation": ("data.augment", lambda c: _augmentation(c.data.get("augment"))),
-    "precision": ("trainer.precision", lambda c: str(c.trainer.precision)),
-    "seed": ("seed", lambda c: c.seed if c.get("seed") is not None else "random"),
-}
 
 
 def _scalar(value: Any) -> int | float | str:
@@ -167,12 +132,13 @@ def hparams(
     if choices is None:
         choices = dict(HydraConfig.get().runtime.choices) if HydraConfig.initialized() else {}
     typed = _typed(overrides, choices)
-    curated = [key for key, _ in CURATED.values()]
+    columns = schema.columns(cfg)  # the settings schema.py marks as HParams columns
+    curated = [key for key, _ in columns.values()]
     known = [(k, v) for k, v in typed  # what the other columns show: these alone name a single run
              if k in ("experiment", "data.fold") or any(k == c or k.startswith(c + ".") for c in curated)]  # fmt: skip
     others = [f"{k}={v}" for k, v in typed if (k, v) not in known and k != "data.num_folds"]
     params: dict[str, int | float | str] = {"run": name or run_name(known) or "defaults"}
-    params.update({key: _scalar(read(cfg)) for key, (_, read) in CURATED.items()})
+    params.update({name: _scalar(value) for name, (_, value) in columns.items()})
     params["experiment"] = str(choices.get("experiment") or NONE)
     params["fold"] = _fold(cfg)
     params["overrides"] = " ".join(others)[:300] or NONE

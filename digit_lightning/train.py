@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from digit_lightning import resume, runs
+from digit_lightning import resume, runs, schema
 from digit_lightning.atomic import atomic_open
 from digit_lightning.config import trainer_error, validate_config
 from digit_lightning.tensorboard import (  # also registers ${sweep_job_name:} (conf/logger)
@@ -159,13 +159,12 @@ def write_metrics(path: Path, metrics: dict[str, float], trainer: L.Trainer) -> 
 
 
 def summary(cfg: DictConfig) -> str:
-    """One line that says what this run trains, and where its files go."""
-    m, d, t = cfg.model, cfg.data, cfg.trainer
-    scheduler = m.get("scheduler")
-    schedule = scheduler._target_.rsplit(".", 1)[-1] if scheduler else "constant lr"
+    """One line that says what this run trains, and where its files go: the run's HParams columns (schema.py)."""
+    c = {name: value for name, (_, value) in schema.columns(cfg).items()}
+    schedule = "constant lr" if c["schedule"] == "constant" else c["schedule"]
     return (
-        f"Training {m.net.name} with {m.optimizer._target_.rsplit('.', 1)[-1]} lr={m.optimizer.lr:.3g} ({schedule}), "
-        f"batch size {d.batch_size}, {length(t)}, seed {cfg.seed} -> {cfg.paths.output_dir}"
+        f"Training {c['model']} with {c['optimizer']} lr={c['lr']:.3g} ({schedule}), batch size {c['batch_size']}, "
+        f"{length(cfg.trainer)}, seed {c['seed']} -> {cfg.paths.output_dir}"
     )
 
 
