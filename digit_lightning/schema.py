@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional  # OmegaConf 2.3 reads the annotations: no `X | None`, no `dict[...]`
 
@@ -38,6 +38,11 @@ def positive(v: Any) -> bool:
 def boolean(v: Any) -> bool:
     """True or False."""
     return isinstance(v, bool)
+
+
+def mapping_or_null(v: Any) -> bool:
+    """None, or a mapping of settings."""
+    return v is None or isinstance(v, Mapping)
 
 
 def anything(v: Any) -> bool:
@@ -87,8 +92,11 @@ class Data:
     val_size: int = setting(f"an integer from 1 to {MNIST_TRAIN_IMAGES - 1}", whole(1, MNIST_TRAIN_IMAGES - 1))
     split_seed: int = setting("an integer", whole(-(2**63)))
     sources: List[str] = setting("a list of sources (torchvision, pypi)")
-    augment: Optional[Dict[str, Any]] = setting(
-        "null or a mapping such as {degrees: 10}", column="augmentation",
+    # `Any`, not Optional[Dict]: OmegaConf 2.3 cannot merge an override such as `data.augment={degrees:10}` into a
+    # typed mapping that is null
+    augment: Any = setting(
+        "null or a mapping such as {degrees: 10}",
+        mapping_or_null, column="augmentation",
         read=lambda v, _: " ".join(f"{k}={x}" for k, x in v.items()) if v else "none",
     )  # fmt: skip
     num_folds: Optional[int] = setting("null (no folds) or an integer >= 2", whole(2, MNIST_TRAIN_IMAGES, True))
@@ -106,8 +114,9 @@ class Model:
     net: Dict[str, Any] = setting("a net: {name: ..., its arguments}", column="model",
                                   read=lambda v, _: v["name"])  # fmt: skip
     optimizer: Dict[str, Any] = setting("an optimizer: {_target_: ..., _partial_: true, lr: ...}")
-    scheduler: Optional[Dict[str, Any]] = setting(
-        "null or a scheduler: {_target_: ..., _partial_: true, ...}", column="schedule",
+    scheduler: Any = setting(  # Any: as data.augment
+        "null or a scheduler: {_target_: ..., _partial_: true, ...}",
+        mapping_or_null, column="schedule",
         read=lambda v, _: class_name(v).replace("none", "constant"),
     )  # fmt: skip
 
