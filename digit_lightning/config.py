@@ -18,7 +18,7 @@ from typing import Any
 
 from hydra.utils import get_object
 from omegaconf import DictConfig, ListConfig, OmegaConf
-from omegaconf.errors import ValidationError
+from omegaconf.errors import ConfigTypeError, ValidationError
 
 from digit_lightning import CONFIG_DIR, schema
 from digit_lightning.errors import UserError
@@ -115,15 +115,19 @@ def validate_config(cfg: DictConfig, config_name: str = "train") -> None:
 
 
 def type_error(error: BaseException) -> ConfigError | None:
-    """OmegaConf's refusal of a value for a typed setting (a ValidationError, raised while Hydra composes, or that
-    error as the cause of Hydra's) as the line `validate_config` gives for a bad value; None for any other error."""
-    cause = error if isinstance(error, ValidationError) else error.__cause__
-    if not isinstance(cause, ValidationError) or cause.full_key is None:
+    """OmegaConf's refusal of a typed setting (schema.py), raised while Hydra composes, or as the cause of Hydra's
+    error, as one line: a value of the wrong type (ValidationError) as `validate_config` says a bad value, the removal
+    of a typed key (`~data.fold`: ConfigTypeError) with what to set instead; None for any other error."""
+    cause = error if isinstance(error, (ValidationError, ConfigTypeError)) else error.__cause__
+    if not isinstance(cause, (ValidationError, ConfigTypeError)) or cause.full_key is None:
         return None
-    allowed = {key: f.metadata["allowed"] for key, f in schema.settings()}.get(str(cause.full_key))
+    key = str(cause.full_key)
+    allowed = {name: f.metadata["allowed"] for name, f in schema.settings()}.get(key)
     if not allowed:
         return None
-    return ConfigError(f"{cause.full_key}={show(cause.value)}: must be {allowed}")
+    if isinstance(cause, ConfigTypeError):
+        return ConfigError(f"~{key}: a typed setting cannot be removed; set it instead ({key}=..., {allowed})")
+    return ConfigError(f"{key}={show(cause.value)}: must be {allowed}")
 
 
 def trainer_error(error: Exception, cfg: DictConfig) -> ConfigError:

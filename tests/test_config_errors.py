@@ -200,6 +200,11 @@ def test_the_typed_groups_are_checked_while_composing_and_the_open_ones_take_new
     assert cfg.trainer.limit_train_batches == 3 and list(cfg.model.optimizer.betas) == [0.7, 0.9]
     with pytest.raises(ConfigError, match=r"^extras\.print_config=maybe: must be true or false$"):
         compose_config(["paths.output_dir=/tmp/x", "extras.print_config=maybe"])
+    with pytest.raises(ConfigError) as err:  # a typed key stays; a new argument of an open node can go
+        compose_config(["paths.output_dir=/tmp/x", "~data.eval_batch_size"])
+    assert str(err.value) == ("~data.eval_batch_size: a typed setting cannot be removed; set it instead "
+                              "(data.eval_batch_size=..., an integer >= 1, or null)")  # fmt: skip
+    assert "max_lr" not in compose_config(["paths.output_dir=/tmp/x", "~model.scheduler.max_lr"]).model.scheduler
 
 
 def test_every_declared_setting_is_a_key_of_the_shipped_configs():
