@@ -1,4 +1,5 @@
-"""Shared fixtures: the real MNIST (prepared once per session) and composed configs pointing at tmp dirs."""
+"""Shared fixtures: the real MNIST (prepared once per session), the synthetic digits of tests/synthetic.py, and
+composed configs pointing at tmp dirs."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 from filelock import FileLock
 from omegaconf import DictConfig
 from PIL import Image
+from synthetic import SYNTHETIC_OVERRIDES, write_synthetic_mnist
 
 from digit_lightning.cli import compose_config
 from digit_lightning.data import prepare_mnist
@@ -29,6 +31,34 @@ def mnist_dir() -> Path:
     """The real MNIST raw files, fetched and verified once (the `make data` copy when it exists)."""
     prepare_mnist(DATA_DIR)
     return DATA_DIR
+
+
+def shared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's temp dir that every `pytest -n` worker shares (things built once go there, under a lock)."""
+    shared = tmp_path_factory.getbasetemp()
+    return shared.parent if os.environ.get("PYTEST_XDIST_WORKER") else shared
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data dir of synthetic digits in MNIST's raw layout (read with `data.verify=false`), written once."""
+    out = shared_dir(tmp_path_factory) / "synthetic_mnist"
+    with FileLock(f"{out}.lock"):
+        if not (out / "done").exists():
+            write_synthetic_mnist(out)
+            (out / "done").touch()
+    return out
+
+
+@pytest.fixture
+def synthetic_cfg(synthetic_dir: Path, tmp_path: Path):
+    """Compose conf/train.yaml for an in-process run on the CPU on the synthetic digits, writing into tmp_path."""
+
+    def make(*overrides: str) -> DictConfig:
+        base = [f"paths.output_dir={tmp_path}", f"paths.data_dir={synthetic_dir}", "trainer=cpu", *SYNTHETIC_OVERRIDES]
+        return compose_config([*base, *overrides])
+
+    return make
 
 
 @pytest.fixture
@@ -74,9 +104,7 @@ def small_checkpoint(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     Returns the best checkpoint's path and the metrics training reported for it. Trained once per session: the
     workers of `pytest -n` share it through their common temp dir, under a lock.
     """
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent
+    shared = shared_dir(tmp_path_factory)
     out, reported = shared / "small_checkpoint", shared / "small_checkpoint.json"
     with FileLock(f"{out}.lock"):
         if not reported.exists():

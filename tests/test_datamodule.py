@@ -3,6 +3,7 @@ sharding, augmentation and the low-overhead options (compile, bf16); the benchma
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,27 @@ def test_augment_keys_are_checked_and_default_to_zero(mnist_dir: Path):
     with pytest.raises(DataError, match="unknown key.s. rotate; the keys are degrees, translate, scale"):
         MNISTDataModule(data_dir=str(mnist_dir), augment={"rotate": 5})
     assert MNISTDataModule(augment={"degrees": 5}).augment == {"degrees": 5, "translate": 0.0, "scale": 0.0}
+
+
+def test_synthetic_digits_load_only_without_verification(synthetic_dir: Path, tmp_path: Path):
+    """The fast tests' digits (tests/synthetic.py) are read as they are with `verify=False`; the default checks them
+    against MNIST's md5s and refuses them, and `verify=False` still needs all four files."""
+    dm = MNISTDataModule(data_dir=str(synthetic_dir), val_size=200, verify=False)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (800, 200, 300)
+    assert torch.equal(dm.test_set.labels.bincount(), torch.full((10,), 30))  # balanced classes
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_dir / "MNIST", copy / "MNIST")
+    with pytest.raises(DataError, match="missing or corrupt .* after trying no source"):
+        MNISTDataModule(data_dir=str(copy), sources=[]).prepare_data()  # (and it removed them: not MNIST's bytes)
+    with pytest.raises(DataError) as error:
+        MNISTDataModule(data_dir=str(copy), verify=False).prepare_data()
+    assert str(error.value).startswith(f"data.verify=false reads the raw files as they are, but {copy}/MNIST/raw lacks")
+    assert "\n" not in str(error.value) and "set data.verify=true" in str(error.value)
+
+
+def test_a_small_run_learns_the_synthetic_digits(synthetic_cfg):
+    metrics = train(synthetic_cfg("data.batch_size=32", "trainer.max_epochs=2", "logger=none"))
+    assert metrics["test/acc"] > 0.85, metrics  # chance is 0.10

@@ -7,13 +7,22 @@ is cut (and augmented) in a few tensor ops: no per-image Python, PIL or worker p
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Subset, random_split
 
-from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD, SOURCES, DataError, load_mnist, prepare_mnist
+from digit_lightning.data.mnist import (
+    MNIST_MEAN,
+    MNIST_STD,
+    RAW_FILES,
+    SOURCES,
+    DataError,
+    load_mnist,
+    prepare_mnist,
+)
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 AUGMENT_NONE = {"degrees": 0.0, "translate": 0.0, "scale": 0.0}  # `data.augment` keys; a key left out stays 0
@@ -86,7 +95,9 @@ class MNISTDataModule(L.LightningDataModule):
     the 60,000 training images are dealt into K stratified folds (seeded by `split_seed`): fold `fold` validates
     and the other K-1 train (`val_size` is then unused). The test set is the official one either way.
     Validation and test come in batches of `eval_batch_size` (no gradients: the same results, far less per-batch
-    overhead); None: `batch_size`.
+    overhead); None: `batch_size`. `verify=False` reads the raw files in `data_dir` as they are, without checking
+    them against MNIST's md5s or fetching any: another 28x28 set written in MNIST's IDX layout (e.g. the tests'
+    synthetic digits).
     """
 
     def __init__(
@@ -100,6 +111,7 @@ class MNISTDataModule(L.LightningDataModule):
         augment: dict | None = None,
         num_folds: int | None = None,
         fold: int = 0,
+        verify: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -115,8 +127,17 @@ class MNISTDataModule(L.LightningDataModule):
         self.test_set: MNISTTensors | None = None
 
     def prepare_data(self) -> None:
-        """Fetch and verify the raw files once (Lightning calls this on one process per node)."""
-        prepare_mnist(self.hparams.data_dir, self.hparams.sources)
+        """Fetch and verify the raw files once (Lightning calls this on one process per node); with `verify=False`,
+        only check that they are there."""
+        if self.hparams.verify:
+            prepare_mnist(self.hparams.data_dir, self.hparams.sources)
+            return
+        raw_dir = Path(self.hparams.data_dir).expanduser().resolve() / "MNIST" / "raw"
+        if missing := [name for name in RAW_FILES if not (raw_dir / name).is_file()]:
+            raise DataError(
+                f"data.verify=false reads the raw files as they are, but {raw_dir} lacks {', '.join(missing)}; "
+                "write them there (IDX, MNIST's names) or set data.verify=true to fetch and verify MNIST"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         """Load the images (onto the trainer's device: 55 MB never crosses the bus again) and split train/val."""
