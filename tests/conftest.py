@@ -17,7 +17,7 @@ import pytest
 from filelock import FileLock
 from omegaconf import DictConfig
 from PIL import Image
-from synthetic import SYNTHETIC_OVERRIDES, write_synthetic_mnist
+from synthetic import SYNTHETIC_DATA, SYNTHETIC_OVERRIDES, write_synthetic_mnist
 
 from digit_lightning.cli import compose_config
 from digit_lightning.data import prepare_mnist
@@ -48,6 +48,12 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
             write_synthetic_mnist(out)
             (out / "done").touch()
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_data(synthetic_dir: Path) -> dict:
+    """`MNISTDataModule(**synthetic_data, batch_size=...)` reads the synthetic digits."""
+    return {"data_dir": str(synthetic_dir), **SYNTHETIC_DATA}
 
 
 @pytest.fixture

@@ -14,8 +14,10 @@ from PIL import Image, ImageDraw
 from digit_lightning.data.mnist import idx_bytes
 
 Stroke = list[tuple[float, float]]
-TRAIN_IMAGES, TEST_IMAGES = 1_000, 300  # train: data.val_size=200 of them validate (SYNTHETIC_OVERRIDES)
-SYNTHETIC_OVERRIDES = ["data.verify=false", "data.val_size=200"]
+TRAIN_IMAGES, TEST_IMAGES = 1_000, 300
+# MNISTDataModule's arguments for them (200 of the 1,000 training images validate), and the same as overrides.
+SYNTHETIC_DATA = {"verify": False, "val_size": 200}
+SYNTHETIC_OVERRIDES = [f"data.{key}={str(value).lower()}" for key, value in SYNTHETIC_DATA.items()]
 
 
 def arc(cx: float, cy: float, rx: float, ry: float, start: float, end: float, n: int = 16) -> Stroke:

@@ -45,9 +45,9 @@ def steps(events: EventAccumulator, tag: str) -> list[int]:
     return [e.step for e in events.Scalars(tag)]
 
 
-def test_a_run_reads_as_tensorboard_shows_it(make_cfg, tmp_path: Path):
+def test_a_run_reads_as_tensorboard_shows_it(synthetic_cfg, tmp_path: Path):
     """2 epochs of 12 steps, logging every 4: curves on one step axis, layout, HParams, images, PR curves, graph."""
-    metrics = train(make_cfg(*TINY, "trainer.max_epochs=2", "trainer.log_every_n_steps=4"))
+    metrics = train(synthetic_cfg(*TINY, "trainer.max_epochs=2", "trainer.log_every_n_steps=4"))
     events = events_of(tmp_path / "tensorboard")
     scalars = set(events.Tags()["scalars"])
     assert scalars == {
@@ -181,8 +181,8 @@ def test_sweep_jobs_are_named_by_their_overrides_and_the_swept_key_is_a_column(r
 
 
 @pytest.mark.parametrize("overrides", [["logger=csv"], ["logger=none"], ["callbacks=none"]])
-def test_runs_without_tensorboard_or_callbacks(make_cfg, overrides: list[str]):
-    metrics = train(make_cfg(*TINY[:-1], "test=false", "trainer.max_epochs=1", *overrides))
+def test_runs_without_tensorboard_or_callbacks(synthetic_cfg, overrides: list[str]):
+    metrics = train(synthetic_cfg(*TINY[:-1], "test=false", "trainer.max_epochs=1", *overrides))
     assert "val/acc" in metrics and "train/loss" in metrics
 
 

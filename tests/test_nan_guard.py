@@ -84,14 +84,14 @@ class Poison(L.Callback):
             trainer.save_checkpoint(self.path)
 
 
-def fit(mnist_dir: Path, tmp_path: Path, poison: Poison, log_every_n_steps: int) -> L.Trainer:
+def fit(synthetic_data: dict, tmp_path: Path, poison: Poison, log_every_n_steps: int) -> L.Trainer:
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=2, limit_train_batches=20, limit_val_batches=2, logger=False,
         log_every_n_steps=log_every_n_steps, callbacks=[FiniteLossGuard(), poison], default_root_dir=tmp_path,
         enable_progress_bar=False, enable_model_summary=False,
     )  # fmt: skip
     model = DigitClassifier(optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
-    trainer.fit(model, datamodule=MNISTDataModule(data_dir=str(mnist_dir), batch_size=32))
+    trainer.fit(model, datamodule=MNISTDataModule(**synthetic_data, batch_size=32))
     return trainer
 
 
@@ -99,20 +99,20 @@ def checkpoints(tmp_path: Path) -> list[Path]:
     return sorted(tmp_path.rglob("*.ckpt"))
 
 
-def test_a_nan_is_caught_on_the_next_logging_step(mnist_dir: Path, tmp_path: Path):
+def test_a_nan_is_caught_on_the_next_logging_step(synthetic_data: dict, tmp_path: Path):
     with pytest.raises(NonFiniteLossError, match=r"is nan at epoch 0, step 7 .*; stopped at step 10, before a "):
-        fit(mnist_dir, tmp_path, Poison(at=7), log_every_n_steps=5)
+        fit(synthetic_data, tmp_path, Poison(at=7), log_every_n_steps=5)
     assert checkpoints(tmp_path) == []
 
 
-def test_without_logging_steps_a_nan_is_caught_before_validation_saves(mnist_dir: Path, tmp_path: Path):
+def test_without_logging_steps_a_nan_is_caught_before_validation_saves(synthetic_data: dict, tmp_path: Path):
     with pytest.raises(NonFiniteLossError, match=r"is nan at epoch 1, step 23 .*; stopped at step 40, .* the last "):
-        fit(mnist_dir, tmp_path, Poison(at=23), log_every_n_steps=0)
+        fit(synthetic_data, tmp_path, Poison(at=23), log_every_n_steps=0)
     assert [p.name for p in checkpoints(tmp_path)] == ["epoch=0-step=20.ckpt"]  # epoch 0's, from before the NaN
 
 
-def test_no_checkpoint_is_written_after_a_nan_even_between_checks(mnist_dir: Path, tmp_path: Path):
+def test_no_checkpoint_is_written_after_a_nan_even_between_checks(synthetic_data: dict, tmp_path: Path):
     path = tmp_path / "interrupted.ckpt"
     with pytest.raises(NonFiniteLossError, match=r"is nan at epoch 0, step 7 .*; stopped at step 9, "):
-        fit(mnist_dir, tmp_path, Poison(at=7, save_at=9, path=path), log_every_n_steps=0)
+        fit(synthetic_data, tmp_path, Poison(at=7, save_at=9, path=path), log_every_n_steps=0)
     assert checkpoints(tmp_path) == []

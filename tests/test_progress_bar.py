@@ -32,7 +32,7 @@ class CountingBar(ProgressBar):
         return super().get_metrics(trainer, pl_module)
 
 
-def test_bar_names_the_run_shows_train_metrics_and_redraws_on_refresh_batches(mnist_dir: Path, tmp_path: Path):
+def test_bar_names_the_run_shows_train_metrics_and_redraws_on_refresh_batches(synthetic_data: dict, tmp_path: Path):
     bar = CountingBar(refresh_rate=3)
     trainer = L.Trainer(
         accelerator="cpu", max_epochs=1, limit_train_batches=6, limit_val_batches=1, log_every_n_steps=3,
@@ -40,7 +40,7 @@ def test_bar_names_the_run_shows_train_metrics_and_redraws_on_refresh_batches(mn
         enable_model_summary=False, enable_checkpointing=False,
     )  # fmt: skip
     model = DigitClassifier(optimizer=functools.partial(torch.optim.Adam, lr=1e-3))
-    trainer.fit(model, datamodule=MNISTDataModule(data_dir=str(mnist_dir), batch_size=16, eval_batch_size=100))
+    trainer.fit(model, datamodule=MNISTDataModule(**synthetic_data, batch_size=16, eval_batch_size=100))
 
     shown = bar.get_metrics(trainer, model)
     assert shown["run"] == JOB and "v_num" not in shown, shown
@@ -49,7 +49,7 @@ def test_bar_names_the_run_shows_train_metrics_and_redraws_on_refresh_batches(mn
     assert sorted(set(bar.read_at)) == [3, 6], bar.read_at  # Lightning's bar read them after every batch: 1..6
 
 
-def test_a_single_run_has_no_name_on_the_bar(mnist_dir: Path, tmp_path: Path):
+def test_a_single_run_has_no_name_on_the_bar(tmp_path: Path):
     trainer = L.Trainer(logger=TensorBoardLogger(tmp_path, name="", version=""), callbacks=[ProgressBar()])
     assert "run" not in ProgressBar().get_metrics(trainer, DigitClassifier())
 

@@ -162,11 +162,11 @@ def tmpfs(path: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", str(path)], check=True)
 
 
-def test_a_full_disk_names_the_file_it_could_not_write(make_cfg, tmp_path: Path):
+def test_a_full_disk_names_the_file_it_could_not_write(synthetic_cfg, tmp_path: Path):
     """torch's zip writer turned ENOSPC into `RuntimeError: unexpected pos`; now it is the OSError, with the file."""
     with tmpfs(tmp_path / "full", "size=2m") as full:
         with pytest.raises(OSError) as err:
-            train(make_cfg(*TINY, "logger=none", f"paths.output_dir={full}/run"))
+            train(synthetic_cfg(*TINY, "logger=none", f"paths.output_dir={full}/run"))
         assert err.value.errno == errno.ENOSPC and err.value.filename.startswith(f"{full}/run/checkpoints/")
         assert not list((full / "run" / "checkpoints").iterdir())  # no half-written checkpoint, no temp file
     line = cli.disk_error(err.value)
@@ -261,18 +261,19 @@ class SigtermInTest(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_during_the_final_test_says_so_and_resumes_to_the_full_metrics(make_cfg, tmp_path, caplog):
+def test_sigterm_during_the_final_test_says_so_and_resumes_to_the_full_metrics(synthetic_cfg, tmp_path, caplog):
     run = tmp_path / "run"
-    overrides = [*TINY, "logger=none", f"paths.output_dir={run}"]
+    # Test batches of 100: the synthetic test set's 300 images are 3 batches, so the test goes on after the signal.
+    overrides = [*TINY, "logger=none", f"paths.output_dir={run}", "data.eval_batch_size=100"]
     with caplog.at_level("WARNING"), pytest.raises(SIGTERMException):
-        train(make_cfg(*overrides, "+callbacks.sigterm._target_=test_robust.SigtermInTest"))
+        train(synthetic_cfg(*overrides, "+callbacks.sigterm._target_=test_robust.SigtermInTest"))
     hints = [r.getMessage() for r in caplog.records if "during the final test" in r.getMessage()]
     assert hints == [f"Interrupted by SIGTERM during the final test; the training itself had finished. To test it: "
                      f"python -m digit_lightning.train ckpt_path={run}"]  # fmt: skip
     fitted = json.loads((run / "metrics.json").read_text())
     assert "val/acc_best" in fitted and not any(k.startswith("test/") for k in fitted)
 
-    resumed = train(make_cfg(*overrides, f"ckpt_path={run}"))
+    resumed = train(synthetic_cfg(*overrides, f"ckpt_path={run}"))
     final = json.loads((run / "metrics.json").read_text())
     assert final["val/acc_best"] == fitted["val/acc_best"] == resumed["val/acc_best"]  # the sweep's metric
     assert {"test/acc", "test/loss"} <= set(final) and final["global_step"] == fitted["global_step"] == 3

@@ -65,16 +65,16 @@ def no_flush_denormal():
     torch.set_flush_denormal(False)
 
 
-def test_flush_denormal_is_set_by_train(make_cfg, no_flush_denormal):
+def test_flush_denormal_is_set_by_train(synthetic_cfg, no_flush_denormal):
     """`flush_denormal` (default true) makes a run compute numbers below 1.2e-38 as zero on the CPU, where Adam's
     moments of silent units would otherwise decay into slow denormal arithmetic; `false` keeps IEEE denormals."""
     from digit_lightning.train import train
 
     assert 0.0 < adam_moment_after_silence() < 1.2e-38  # torch's default: a denormal
     assert compose_config(["paths.output_dir=/tmp/x"]).flush_denormal is True
-    train(make_cfg("debug=fdr"))
+    train(synthetic_cfg("debug=fdr"))
     assert adam_moment_after_silence() == 0.0
-    train(make_cfg("debug=fdr", "flush_denormal=false"))
+    train(synthetic_cfg("debug=fdr", "flush_denormal=false"))
     assert adam_moment_after_silence() > 0.0
 
 
@@ -100,7 +100,7 @@ def test_compile_uses_cuda_graphs_only_on_a_gpu():
     assert model.example_input_array is None  # nothing left to trace for TensorBoard's graph
 
 
-def test_channels_last_on_cpus_changes_no_value(make_cfg, tmp_path: Path):
+def test_channels_last_on_cpus_changes_no_value(synthetic_cfg, tmp_path: Path):
     """channels_last=auto trains with NHWC conv weights on a CPU (false keeps NCHW). The layout changes no value:
     the same batch gives the same loss and gradients, and the NHWC run's checkpoint loads into a plain net."""
     from hydra.utils import instantiate
@@ -116,7 +116,7 @@ def test_channels_last_on_cpus_changes_no_value(make_cfg, tmp_path: Path):
             layouts[pl_module.channels_last] = "nhwc" if nhwc else "nchw" if nchw else "other"
 
     for layout in ("auto", "false"):
-        cfg = make_cfg(f"model.channels_last={layout}", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
+        cfg = synthetic_cfg(f"model.channels_last={layout}", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
                        "+trainer.limit_val_batches=1")  # fmt: skip
         model = instantiate(cfg.model)
         trainer = instantiate(cfg.trainer, callbacks=[Look()], logger=False, default_root_dir=str(tmp_path / layout))

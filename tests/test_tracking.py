@@ -44,8 +44,8 @@ def artifacts(client: MlflowClient, run_id: str, path: str = "") -> list[str]:
     return found
 
 
-def test_mlflow_run_reads_back_with_curves_params_artifacts_and_a_model(make_cfg, tmp_path: Path):
-    cfg = make_cfg(*TINY, "logger=mlflow", *mlflow_store(tmp_path), "logger.mlflow.register_as=digits")
+def test_mlflow_run_reads_back_with_curves_params_artifacts_and_a_model(synthetic_cfg, tmp_path: Path):
+    cfg = synthetic_cfg(*TINY, "logger=mlflow", *mlflow_store(tmp_path), "logger.mlflow.register_as=digits")
     metrics = train(cfg)
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = only_run(client)
@@ -94,8 +94,8 @@ def scalar_tags(run_dir: Path) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
-def test_many_logs_to_tensorboard_and_mlflow_under_the_same_names(make_cfg, tmp_path: Path):
-    train(make_cfg(*TINY, "logger=many", *mlflow_store(tmp_path), "trainer.max_epochs=1"))
+def test_many_logs_to_tensorboard_and_mlflow_under_the_same_names(synthetic_cfg, tmp_path: Path):
+    train(synthetic_cfg(*TINY, "logger=many", *mlflow_store(tmp_path), "trainer.max_epochs=1"))
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     run = only_run(client)
     tensorboard = scalar_tags(tmp_path / "tensorboard")
@@ -150,9 +150,9 @@ def wandb_records(run_dir: Path) -> tuple[list[dict], dict, dict]:
     return history, config, summary
 
 
-def test_wandb_offline_run_reads_back_from_its_files(make_cfg, tmp_path: Path):
+def test_wandb_offline_run_reads_back_from_its_files(synthetic_cfg, tmp_path: Path):
     pytest.importorskip("wandb", reason="the `tracking` extra is not installed")
-    cfg = make_cfg(*TINY, "logger=wandb")
+    cfg = synthetic_cfg(*TINY, "logger=wandb")
     metrics = train(cfg)
     history, config, summary = wandb_records(tmp_path)
     assert config["_run"] == {"name": "run", "group": "train"}
