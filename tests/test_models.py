@@ -14,6 +14,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
+from synthetic import SYNTHETIC_OVERRIDES
 
 from digit_lightning.callbacks import EMA
 from digit_lightning.checkpoint import load_checkpoint, read_checkpoint
@@ -53,13 +54,15 @@ def test_zoo_recipes_compose_and_validate(mnist_dir: Path, tmp_path: Path):
 
 
 @pytest.fixture(scope="module")
-def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
-    """Each `model=` option trained for a few real batches (the strong one with the EMA callback, as its recipe)."""
+def trained(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, dict]]:
+    """Each `model=` option trained for a few batches of the synthetic digits (the strong one with the EMA callback,
+    as its recipe)."""
     runs = {}
     for option in MODEL_CONFIGS:
         out = tmp_path_factory.mktemp(option)
         overrides = [
-            f"paths.output_dir={out}", f"paths.data_dir={mnist_dir}", "trainer=cpu", f"model={option}",
+            f"paths.output_dir={out}", f"paths.data_dir={synthetic_dir}", *SYNTHETIC_OVERRIDES, "trainer=cpu",
+            f"model={option}",
             "data.batch_size=32", "trainer.max_epochs=1", "+trainer.limit_train_batches=3",
             "+trainer.limit_val_batches=2", "+trainer.limit_test_batches=2", "logger=none",
             "callbacks.progress_bar=null",
@@ -71,9 +74,9 @@ def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[s
 
 
 @pytest.fixture(scope="module")
-def test_images(mnist_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first 256 official test images, normalized, and their labels."""
-    x, y = load_mnist(mnist_dir, train=False)
+def test_images(synthetic_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 256 synthetic test images, normalized, and their labels."""
+    x, y = load_mnist(synthetic_dir, train=False)
     return ((x[:256].float() / 255 - MNIST_MEAN) / MNIST_STD)[:, None], y[:256].long()
 
 
@@ -133,7 +136,7 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(trained, test_images
 
 
 @pytest.mark.slow  # the CLI twin of an in-process test above
-def test_eval_and_predict_cli_take_a_list_of_checkpoints(trained, test_images, run_cli, tmp_path: Path, mnist_dir):
+def test_eval_and_predict_cli_take_a_list_of_checkpoints(trained, run_cli, tmp_path: Path, mnist_dir):
     paths = [trained[name][0] for name in ("digit", "lenet5")]
     result = run_cli(
         "digit_lightning.eval", f"ckpt_path=[{paths[0]},{paths[1]}]", f"hydra.run.dir={tmp_path / 'eval'}",
@@ -144,7 +147,8 @@ def test_eval_and_predict_cli_take_a_list_of_checkpoints(trained, test_images, r
     assert "evaluated an ensemble of 2 checkpoints" in result.stdout
     report = json.loads((tmp_path / "eval" / "eval.json").read_text())
     assert report["ckpt_path"] == [str(p) for p in paths] and report["num_images"] == 256
-    images, labels = test_images  # the first test batch (256 images, in order)
+    raw, labels = load_mnist(mnist_dir, train=False)  # the CLI evaluates on the real MNIST
+    images, labels = ((raw[:256].float() / 255 - MNIST_MEAN) / MNIST_STD)[:, None], labels[:256]  # its first batch
     with torch.no_grad():
         members = [load_checkpoint(p)(images) for p in paths]
         mean = torch.stack([m.exp() for m in members]).mean(dim=0)
@@ -171,7 +175,7 @@ def test_eval_and_predict_cli_take_a_list_of_checkpoints(trained, test_images, r
         assert [t["prob"] for t in r["top"]] == pytest.approx(mean.sort(descending=True).values.tolist(), abs=1e-6)
 
 
-def test_ema_weights_are_what_is_validated_saved_and_tested(mnist_dir: Path, tmp_path: Path):
+def test_ema_weights_are_what_is_validated_saved_and_tested(synthetic_data: dict, tmp_path: Path):
     """Two optimizer steps with decay 0.5: the average is w1/2 + w2/2 exactly, for weights and BN statistics."""
 
     class Record(L.Callback):
@@ -189,7 +193,7 @@ def test_ema_weights_are_what_is_validated_saved_and_tested(mnist_dir: Path, tmp
         accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=4, limit_test_batches=4,
         callbacks=[record, ema, checkpoint], logger=False, enable_progress_bar=False, num_sanity_val_steps=0,
     )  # fmt: skip
-    datamodule = MNISTDataModule(data_dir=str(mnist_dir), batch_size=64)
+    datamodule = MNISTDataModule(**synthetic_data, batch_size=64)
     trainer.fit(model, datamodule=datamodule)
     val_acc = float(trainer.callback_metrics["val/acc"])
 
