@@ -112,7 +112,9 @@ def test_pickle_that_would_run_code_is_refused_and_does_not_run(small_checkpoint
         assert marker.exists()
 
 
-@pytest.mark.parametrize("entry_point", ["eval", pytest.param("train", marks=pytest.mark.slow)])
+# CLI twins of test_bad_file_is_one_line_error (eval's one-line CLI path runs fast in tests/test_eval.py)
+@pytest.mark.slow
+@pytest.mark.parametrize("entry_point", ["eval", "train"])
 def test_cli_reports_a_bad_checkpoint_in_one_line(run_cli, tmp_path: Path, entry_point: str):
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
     result = run_cli(f"digit_lightning.{entry_point}", f"ckpt_path={tmp_path / 'bad.ckpt'}", "hydra.run.dir=run",

@@ -125,6 +125,17 @@ def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch):
         assert str(path) in str(error.value) and "\n" not in str(error.value)
 
 
+def test_example_images_are_recognized_and_output_formats_render(small_checkpoint):
+    """The README's example images, light-on-dark BMP included; CSV and table render (the CLI twin is below)."""
+    results, errors = predict_files(load_checkpoint(small_checkpoint[0]), [EXAMPLES])
+    assert errors == [] and {Path(r["file"]).name: r["digit"] for r in results} == {"one_dark.bmp": 1, "seven.png": 7,
+                                                                                   "two.jpg": 2}  # fmt: skip
+    results = [{"file": "a.png", "digit": 7, "top": [{"digit": 7, "prob": 0.9}, {"digit": 1, "prob": 0.05}]}]
+    assert render(results, "csv").splitlines() == ["file,digit,top1,prob1,top2,prob2", "a.png,7,7,0.900000,1,0.050000"]
+    assert "a.png" in render(results, "table") and "7: 0.900" in render(results, "table")
+
+
+@pytest.mark.slow  # the CLI twin of the test above (the README's predict commands run through the CLI fast)
 def test_example_images_and_output_formats(small_checkpoint, run_cli, tmp_path: Path):
     """The README's example images, light-on-dark BMP included, through the CLI as JSON; CSV and table render."""
     result = run_cli(
@@ -157,6 +168,7 @@ def test_bad_settings_are_refused(override: str, message: str):
     assert "\n" not in str(err.value)  # the CLI prints it as one `error:` line (see the test below)
 
 
+@pytest.mark.slow  # predict's one-line CLI path runs fast in tests/test_config_errors.py (logger=csv)
 def test_cli_bad_setting_is_one_line_and_status_2(run_cli, tmp_path: Path):
     result = run_cli("digit_lightning.predict", "ckpt_path=model.ckpt", "inputs=[a.png]", "format=xml", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr == "error: format=xml is not one of table, json, csv\n"
