@@ -226,6 +226,16 @@ def test_export_refuses_an_opset_it_cannot_write(tmp_path: Path):
     assert not (tmp_path / "x.onnx").exists()
 
 
+@pytest.mark.parametrize("opset", ["5", "abc"])
+def test_export_refuses_an_opset_below_18_before_loading_anything(tmp_path: Path, opset: str):
+    """The in-process twin of the export lines of tests/test_config_errors.py (CLI runs, `-m slow`)."""
+    cfg = compose_config(["ckpt_path=missing.ckpt", f"opset={opset}", f"output={tmp_path}/x.onnx"], "export")
+    with pytest.raises(ExportError) as err:
+        export(cfg)
+    assert str(err.value) == f"opset={opset} must be a whole number >= 18 (torch's ONNX exporter's oldest)"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_data_refuses_an_override_as_its_directory(tmp_path: Path, monkeypatch, capsys):
     """`python -m digit_lightning.data paths.data_dir=/x` made a folder named `paths.data_dir=` and downloaded."""
     monkeypatch.chdir(tmp_path)
