@@ -92,6 +92,7 @@ class Data:
     val_size: int = setting(f"an integer from 1 to {MNIST_TRAIN_IMAGES - 1}", whole(1, MNIST_TRAIN_IMAGES - 1))
     split_seed: int = setting("an integer", whole(-(2**63)))
     sources: List[str] = setting("a list of sources (torchvision, pypi)")
+    verify: bool = setting(A_BOOL)  # false: the raw files are read as they are (e.g. the tests' synthetic digits)
     # `Any`, not Optional[Dict]: OmegaConf 2.3 cannot merge an override such as `data.augment={degrees:10}` into a
     # typed mapping that is null
     augment: Any = setting(
