@@ -87,9 +87,9 @@ def test_a_run_reads_as_tensorboard_shows_it(synthetic_cfg, tmp_path: Path):
     params = {k: getattr(v, v.WhichOneof("kind")) for k, v in session.hparams.items()}
     assert sorted(params) == sorted(i.name for i in experiment.hparam_infos)  # a map: no order
     assert [i.name for i in experiment.hparam_infos] == [
-        "run", "model", "optimizer", "lr", "weight_decay", "batch_size", "epochs", "schedule", "augmentation",
+        "run", "model", "schedule", "optimizer", "lr", "weight_decay", "batch_size", "augmentation", "epochs",
         "precision", "seed", "experiment", "fold", "overrides",
-    ]  # fmt: skip
+    ]  # fmt: skip  (after "run": the columns schema.py declares, in its order)
     assert sorted(i.name for i in experiment.hparam_infos if i.differs) == sorted(SHOWN)  # shown first
     assert (params["run"], params["experiment"], params["fold"], params["overrides"]) == ("defaults", NONE, NONE, NONE)
     assert (params["lr"], params["batch_size"], params["optimizer"]) == (1e-3, 32, "Adam")

@@ -70,11 +70,9 @@ def test_eval_without_a_checkpoint_says_what_to_pass(run_cli, tmp_path: Path):
 def test_eval_refuses_a_bad_batch_size_before_loading_anything(tmp_path: Path, value: str):
     """`data.batch_size=abc` and friends: one line naming the key (`data.batch_size=0` also runs through the CLI in
     test_config_errors.py, with `-m slow`), raised before the checkpoint or the data is looked at."""
-    cfg = compose_config(
-        [f"data.batch_size={value}", "ckpt_path=missing.ckpt", f"paths.output_dir={tmp_path}",
-         f"paths.data_dir={tmp_path}/data"], config_name="eval",
-    )  # fmt: skip
-    with pytest.raises(ConfigError) as err:
-        evaluate(cfg)
+    overrides = [f"data.batch_size={value}", "ckpt_path=missing.ckpt", f"paths.output_dir={tmp_path}",
+                 f"paths.data_dir={tmp_path}/data"]  # fmt: skip
+    with pytest.raises(ConfigError) as err:  # a wrong type already while composing (schema.Data), a range in evaluate
+        evaluate(compose_config(overrides, config_name="eval"))
     assert str(err.value) == f"data.batch_size={value}: must be an integer >= 1"
     assert list(tmp_path.iterdir()) == []
