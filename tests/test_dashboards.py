@@ -86,10 +86,11 @@ def test_a_run_reads_as_tensorboard_shows_it(synthetic_cfg, tmp_path: Path):
     session = metadata.parse_session_start_info_plugin_data(content[metadata.SESSION_START_INFO_TAG])
     params = {k: getattr(v, v.WhichOneof("kind")) for k, v in session.hparams.items()}
     assert sorted(params) == sorted(i.name for i in experiment.hparam_infos)  # a map: no order
+    # after "run": the columns schema.py declares, in its order
     assert [i.name for i in experiment.hparam_infos] == [
         "run", "model", "schedule", "optimizer", "lr", "weight_decay", "batch_size", "augmentation", "epochs",
         "precision", "seed", "experiment", "fold", "overrides",
-    ]  # fmt: skip  (after "run": the columns schema.py declares, in its order)
+    ]  # fmt: skip
     assert sorted(i.name for i in experiment.hparam_infos if i.differs) == sorted(SHOWN)  # shown first
     assert (params["run"], params["experiment"], params["fold"], params["overrides"]) == ("defaults", NONE, NONE, NONE)
     assert (params["lr"], params["batch_size"], params["optimizer"]) == (1e-3, 32, "Adam")
