@@ -22,11 +22,33 @@ from digit_lightning.checkpoint import AtomicCheckpointIO, load_checkpoint
 from digit_lightning.cli import CONFIG_DIR
 from digit_lightning.data import MNISTDataModule, mnist
 from digit_lightning.data.mnist import idx_bytes
+from digit_lightning.rank import RANK_VARIABLES, global_rank
+from digit_lightning.resolvers import rank_zero_only
 
 
 def compose_with_hydra(*overrides: str):
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         return compose("train", overrides=["paths.output_dir=/tmp/unused", *overrides], return_hydra_config=True)
+
+
+@pytest.mark.parametrize(
+    ("env", "rank"),
+    [
+        ({}, 0),
+        ({"RANK": "3", "LOCAL_RANK": "1", "SLURM_PROCID": "0"}, 3),  # torchrun
+        ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, 1),  # a process Lightning started, inside a one-task SLURM job
+        ({"SLURM_PROCID": "2"}, 2),  # srun with several tasks
+    ],
+)
+def test_the_run_dir_lock_and_the_hydra_record_ask_one_rank(monkeypatch: pytest.MonkeyPatch, env: dict, rank: int):
+    """train's run-dir lock and `${rank_zero_only:}` (one `.hydra/`) both ask `global_rank`, in Lightning's order;
+    they used to disagree on the third case (RANK/LOCAL_RANK there, RANK/SLURM_PROCID here)."""
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert global_rank() == rank
+    assert rank_zero_only(".hydra") == (".hydra" if rank == 0 else None)
 
 
 def test_ddp_configs_compose():
