@@ -31,14 +31,17 @@ SHOW_TRACEBACKS = os.environ.get("HYDRA_FULL_ERROR") == "1"  # read before run()
 schema.register()  # the typed bases of conf/ (Hydra's ConfigStore), before any entry point composes
 
 
-def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with command-line style overrides, outside of a Hydra run.
+def compose_config(
+    overrides: Sequence[str] = (), config_name: str = "train", return_hydra_config: bool = False
+) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with command-line style overrides, outside of a Hydra run (with the `hydra`
+    node if `return_hydra_config`).
 
     `paths.output_dir` comes from the Hydra run directory on the command line; pass it as an override here.
     """
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         try:
-            return compose(config_name=config_name, overrides=list(overrides))
+            return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=return_hydra_config)
         except (HydraException, OmegaConfBaseException) as e:
             typed = type_error(e)  # a value of the wrong type: the same ConfigError as a value out of range
             if typed is None:

@@ -5,9 +5,8 @@ Under torchrun (and srun with several tasks) each rank is a process of its own t
   agent that started this rank (its parent process), the same for all ranks of a node, so they share one run dir;
   elsewhere it is now, like Hydra's `${now:...}`.
 - `${rank_zero_only:X}`: X on the global rank 0, null on the others (`hydra.output_subdir`: one `.hydra/`).
-- `${resume_dir:...}` and `${resume_subdir:...}`: a training resumed from a run's checkpoint continues in that run's
-  dir (digit_lightning/runs.py).
-Registered when `digit_lightning.cli` is imported, which every entry point does before Hydra starts.
+Registered when `digit_lightning.cli` is imported, which every entry point does before Hydra starts. They read no
+file but /proc's start times: where a resumed training runs is decided before Hydra starts (runs.plan_resume).
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ from datetime import datetime
 
 from omegaconf import OmegaConf
 
-from digit_lightning import runs
+from digit_lightning.rank import global_rank
 
 
 def process_start(pid: int) -> datetime | None:
@@ -38,11 +37,6 @@ def launch_time(pattern: str) -> str:
     return (started or datetime.now()).strftime(pattern)
 
 
-def global_rank() -> int:
-    """This process's global rank: torchrun's RANK, else srun's SLURM_PROCID, else 0."""
-    return int(os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or 0)
-
-
 def rank_zero_only(value: object) -> object:
     """`value` on the global rank 0, None on the other ranks."""
     return value if global_rank() == 0 else None
@@ -50,7 +44,3 @@ def rank_zero_only(value: object) -> object:
 
 OmegaConf.register_new_resolver("launch_time", launch_time, use_cache=True, replace=True)
 OmegaConf.register_new_resolver("rank_zero_only", rank_zero_only, replace=True)
-
-
-OmegaConf.register_new_resolver("resume_dir", runs.resume_dir, replace=True)
-OmegaConf.register_new_resolver("resume_subdir", runs.resume_subdir, replace=True)

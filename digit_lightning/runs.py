@@ -1,10 +1,11 @@
 """Run directories: which checkpoint `ckpt_path` names, a run's saved config read back as data, one run per dir.
 
 `ckpt_path` takes a checkpoint file, a run dir (its `checkpoints/last.ckpt`), a sweep dir (its newest job's), or
-`last`: the newest `last.ckpt` of a single run (not a sweep job) under `paths.log_dir`. A resumed training continues
-in the run dir of its checkpoint (`hydra.run.dir` resolves to it) with the settings of that run's
-`.hydra/config.yaml`, which is loaded as *data*: it may only name `_target_`s that this package's own configs name,
-and the keys typed on the command line win.
+`last`: the newest `last.ckpt` of a single run (not a sweep job) under `paths.log_dir`. `plan_resume` is the one place
+that decides what a training resumes from and where: the CLI asks it before Hydra picks a run dir, and a resumed
+training continues in the run dir of its checkpoint (passed to Hydra as `hydra.run.dir`) with the settings of that
+run's `.hydra/config.yaml`, rebuilt as *data* (`resumed_config`: the package's own configs, that file's plain values
+on top, the keys typed on the command line on top of all).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import logging
 import os
 import shlex
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -99,35 +101,64 @@ def run_model(spec: str | Path, log_dir: str | Path = "logs") -> Path:
     return best[0].resolve()
 
 
-def requeued_checkpoint(run_dir: str | Path) -> Path | None:
-    """In a SLURM job that SLURM requeued (preemption, `scontrol requeue`, Lightning's auto-requeue on SIGUSR1), the
-    checkpoint to go on from: the newer of `<run_dir>/checkpoints/last.ckpt` (saved on SIGTERM or at an epoch end) and
-    Lightning's `<run_dir>/hpc_ckpt_N.ckpt` (saved on SIGUSR1). None in a job's first run, or with neither file.
-    The requeued job runs the same sweep job again, in the same run dir (submitit pickles its resolved config)."""
-    if int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
-        return None
-    run_dir = Path(run_dir)
-    found = [p for p in [run_dir / "checkpoints" / LAST, *run_dir.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return max(found, key=lambda p: p.stat().st_mtime).resolve() if found else None
+@dataclass(frozen=True)
+class Plan:
+    """What a training resumes from: `checkpoint` (None: it starts from scratch) and `run_dir`, the run it continues
+    in that run's own dir with that run's settings (None: in this command's run dir, with the settings typed)."""
+
+    checkpoint: Path | None = None
+    run_dir: Path | None = None
+    requeued: bool = False  # SLURM requeued the job, and `checkpoint` is where it had got to
+
+    def hydra_overrides(self) -> list[str]:
+        """The Hydra overrides that run this command in the continued run's dir, recording its own Hydra files in
+        `.hydra/resume/` (the run's `.hydra/hydra.yaml` keeps its group choices); none for a new run dir."""
+        if self.run_dir is None:
+            return []
+        if any(c in str(self.run_dir) for c in "'\\$"):  # Hydra's override grammar would read them as syntax
+            raise ResumeError(f"{self.run_dir}: a run dir whose path holds ', \\ or $ cannot be continued in place; "
+                              "rename it, or resume in a new run dir with hydra.run.dir=<new dir>")  # fmt: skip
+        return [f"hydra.run.dir='{self.run_dir}'", "hydra.output_subdir=${rank_zero_only:.hydra/resume}"]
+
+    def config(self, cfg: DictConfig, typed: list[str]) -> DictConfig:
+        """The settings to train with: the continued run's own, rebuilt (`resumed_config`, `typed` on top), else
+        `cfg` as composed."""
+        return cfg if self.run_dir is None else resumed_config(cfg, self.run_dir, typed)
+
+
+def plan_resume(ckpt_path: object, log_dir: str | Path, here: str | Path | None = None) -> Plan:
+    """What a training resumes from, and where it runs (docs/resume.md), decided once:
+
+    - `ckpt_path` (a file, run dir, sweep dir or `last`, see `find_checkpoint`): that checkpoint. When it belongs to
+      a run dir, that run dir is refused if it holds links or special files (`refuse_links`), and the training goes
+      on there with that run's settings when it has no run dir yet (`here` None: the CLI, before Hydra picks one)
+      or `here` is that run dir; else it resumes in `here` with the settings typed.
+    - no `ckpt_path`, in a SLURM job that SLURM requeued (preemption, `scontrol requeue`, Lightning's auto-requeue on
+      SIGUSR1): the newer of `here`'s `checkpoints/last.ckpt` and Lightning's `hpc_ckpt_N.ckpt`, if any. The
+      requeued job runs the same sweep job again, in the same run dir (submitit pickles its resolved config).
+    - else a new run.
+
+    A `ckpt_path` that is not one string (a list: an ensemble) plans nothing; `validate_config` refuses it.
+    """
+    if isinstance(ckpt_path, str) and ckpt_path not in ("", "null"):
+        checkpoint = find_checkpoint(ckpt_path, log_dir)
+        run = run_dir_of(checkpoint)
+        if run is None:
+            return Plan(checkpoint)
+        refuse_links(run)
+        continues = here is None or Path(here).resolve() == run.resolve()
+        return Plan(checkpoint, run if continues else None)
+    if here is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+        return Plan()
+    here = Path(here)
+    found = [p for p in [here / "checkpoints" / LAST, *here.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return Plan(newest(found), requeued=True) if found else Plan()
 
 
 def run_dir_of(ckpt: Path) -> Path | None:
     """The Hydra run dir that wrote `ckpt` (`<run>/checkpoints/<name>.ckpt` beside `<run>/.hydra/`), if any."""
     run = ckpt.parent.parent
     return run if ckpt.parent.name == "checkpoints" and (run / ".hydra" / "config.yaml").is_file() else None
-
-
-def resume_dir(ckpt_path: str | None, log_dir: str, new_dir: str) -> str:
-    """`hydra.run.dir`: a training resumed from a run's checkpoint continues in that run's dir, others get `new_dir`."""
-    if not isinstance(ckpt_path, str) or ckpt_path in ("", "null"):
-        return new_dir  # a list of checkpoints (an ensemble) resumes nothing: the task reports it in one line
-    try:
-        run = run_dir_of(find_checkpoint(ckpt_path, log_dir))
-    except ResumeError:
-        return new_dir  # the task reports the bad ckpt_path in one line
-    if run is None or has_links(run):  # Hydra would append to a linked train.log, write into a linked .hydra/resume
-        return new_dir  # ... so it writes into a new dir, and the task refuses the run dir in one line
-    return str(run)
 
 
 def _unsafe(path: Path) -> str | None:
@@ -168,11 +199,6 @@ def refuse_links(run_dir: Path) -> None:
         path, why = found[0]
         raise ResumeError(f"{run_dir}: {path.relative_to(run_dir)} is {why}; a run dir holding links or special files "
                           "is refused (a run would write through them); remove it, or start a new run")  # fmt: skip
-
-
-def resume_subdir(ckpt_path: str | None, log_dir: str) -> str:
-    """`hydra.output_subdir`: where Hydra records this command; a resumed run keeps its `.hydra/config.yaml`."""
-    return ".hydra" if resume_dir(ckpt_path, log_dir, "") == "" else ".hydra/resume"
 
 
 def resume_command(ckpt: Path) -> str:

@@ -21,13 +21,18 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import HydraException
+from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from digit_lightning import resume, runs, schema
 from digit_lightning.atomic import atomic_open
 from digit_lightning.config import trainer_error, validate_config
+from digit_lightning.errors import UserError
+from digit_lightning.rank import global_rank
 from digit_lightning.tensorboard import (  # also registers ${sweep_job_name:} (conf/logger)
     hparams,
     log_hparams,
@@ -51,9 +56,12 @@ def set_cpu_threads(setting: int | str | None, processes: int) -> None:
     torch.set_num_threads(max(1, cores // max(1, processes)) if setting == "auto" else int(setting))
 
 
-def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit (if `cfg.train`) and test (if `cfg.test`); return every logged metric as a float."""
+def train(cfg: DictConfig, plan: runs.Plan | None = None) -> dict[str, float]:
+    """Fit (if `cfg.train`) and test (if `cfg.test`); return every logged metric as a float. `plan`: what fit resumes
+    from (`runs.plan_resume`); by default, `cfg.ckpt_path` (or a SLURM requeue) resumed in `cfg.paths.output_dir`."""
     validate_config(cfg)
+    if plan is None:
+        plan = runs.plan_resume(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.paths.output_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)
 
@@ -69,14 +77,10 @@ def train(cfg: DictConfig) -> dict[str, float]:
     params = hparams(cfg, typed_overrides(), name=sweep_job_name() or None)
     log_hparams(trainer.loggers, params)
 
-    ckpt_path = None
-    if cfg.get("ckpt_path"):
-        ckpt_path = runs.find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir)
-        log.info(f"Resuming from {ckpt_path}")
-    elif ckpt_path := runs.requeued_checkpoint(cfg.paths.output_dir):
-        log.info(f"SLURM requeued this job: resuming from {ckpt_path}")
+    ckpt_path = plan.checkpoint
     start_step = None  # the step a resumed fit starts at
     if ckpt_path is not None:  # Lightning gets a checkpoint rebuilt from the file's validated pieces, not the file
+        log.info(f"{'SLURM requeued this job: resuming' if plan.requeued else 'Resuming'} from {ckpt_path}")
         checkpoint = resume.for_fit(ckpt_path, model, trainer)
         start_step = checkpoint["global_step"]
         ckpt_path = resume.hand_over(trainer, ckpt_path, checkpoint)
@@ -180,32 +184,21 @@ def length(trainer: DictConfig) -> str:
     return f"{epochs} epoch{'' if epochs == 1 else 's'}"
 
 
-@hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="train")
-def hydra_main(cfg: DictConfig) -> float | None:
-    """The Hydra task: `run(cfg)`, with a user error as one line."""
-    with cli.exit_on_user_error():
-        return run(cfg)
-
-
-def run(cfg: DictConfig) -> float | None:
-    """Check the config, (re)load a resumed run's settings, lock the run dir, train; return the optimized metric."""
+def run(cfg: DictConfig, plan: runs.Plan | None = None) -> float | None:
+    """The Hydra task: check the config, take the resume plan's settings, lock the run dir, train; return the
+    optimized metric. `plan` comes from `main`, made before Hydra picked the run dir; without one (a sweep's job, a
+    command line with Hydra flags) the job plans for the run dir Hydra gave it."""
     cli.route_lightning_logs()
     validate_config(cfg)  # before anything else, so that a bad value is not buried under other output
-    hydra_cfg = HydraConfig.get()
-    single = hydra_cfg.mode is None or hydra_cfg.mode.name == "RUN"
-    resumed = False
-    if cfg.get("ckpt_path") and single:
-        run_dir = runs.run_dir_of(runs.find_checkpoint(cfg.ckpt_path, cfg.paths.log_dir))
-        if run_dir is not None:
-            runs.refuse_links(run_dir)
-        if run_dir is not None and Path(hydra_cfg.runtime.output_dir).resolve() == run_dir.resolve():
-            cfg = runs.resumed_config(cfg, run_dir, list(hydra_cfg.overrides.task))
-            validate_config(cfg)
-            resumed = True
+    if plan is None:
+        plan = runs.plan_resume(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.paths.output_dir)
+    if plan.run_dir is not None:
+        cfg = plan.config(cfg, list(HydraConfig.get().overrides.task))
+        validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
-    if int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0))) == 0:  # DDP ranks > 0 share rank 0's dir
+    if global_rank() == 0:  # DDP ranks > 0 share rank 0's dir
         lock = runs.lock_run_dir(output_dir)  # noqa: F841  (held until the process ends)
-        if resumed:  # the settings the run continues with, for the next resume (this command's are in .hydra/resume)
+        if plan.run_dir is not None:  # its settings, for the next resume (.hydra/resume holds this command's own)
             with atomic_open(output_dir / ".hydra" / "config.yaml") as f:  # replaces, never writes through a link
                 f.write(OmegaConf.to_yaml(cfg).encode())
     if cfg.get("extras", {}).get("print_config"):
@@ -214,15 +207,44 @@ def run(cfg: DictConfig) -> float | None:
 
         rich.print(Syntax(OmegaConf.to_yaml(cfg, resolve=True), "yaml", theme="ansi_dark"))
     try:
-        metrics = train(cfg)
+        metrics = train(cfg, plan)
     except SIGTERMException:  # the checkpoint and the resume command are already out (ResumableRun)
         sys.exit(cli.EXIT_SIGTERM)
     return metrics.get(cfg.get("optimized_metric"))
 
 
+def command_line_plan(args: list[str]) -> runs.Plan | None:
+    """The resume plan of a single run typed as `key=value` overrides with a `ckpt_path`, made before Hydra picks
+    (and writes into) a run dir; None for a sweep, a command line with Hydra flags (`--cfg`, `-cd`, ...) or
+    overrides that do not compose (Hydra reports those): then the task plans for the run dir Hydra gives it."""
+    if any(a.startswith("-") for a in args) or not any(a.split("=", 1)[0].lstrip("+") == "ckpt_path" for a in args):
+        return None
+    try:
+        cfg = cli.compose_config(args, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, UserError):  # Hydra's own composition reports it, in its run
+        return None
+    if cfg.hydra.mode == RunMode.MULTIRUN:
+        return None
+    typed_dir = any(a.split("=", 1)[0] == "hydra.run.dir" for a in args)
+    return runs.plan_resume(cfg.ckpt_path, cfg.paths.log_dir, cfg.hydra.run.dir if typed_dir else None)
+
+
 def main() -> None:
-    """CLI entry point: Hydra's errors and ours are one `error:` line, exit status 2 (see digit_lightning.cli)."""
-    cli.run(hydra_main)
+    """CLI entry point: the resume plan first, then Hydra in the run dir it names; Hydra's errors and ours are one
+    `error:` line, exit status 2 (see digit_lightning.cli)."""
+
+    def start() -> None:
+        plan = command_line_plan(sys.argv[1:])
+        sys.argv += plan.hydra_overrides() if plan else []
+
+        @hydra.main(version_base="1.3", config_path=cli.CONFIG_DIR, config_name="train")
+        def task(cfg: DictConfig) -> float | None:
+            with cli.exit_on_user_error():
+                return run(cfg, plan)
+
+        task()
+
+    cli.run(start)
 
 
 if __name__ == "__main__":

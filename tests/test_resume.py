@@ -22,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from digit_lightning import checkpoint
 from digit_lightning.checkpoint import AtomicCheckpointIO
 from digit_lightning.cli import EXIT_USER_ERROR, compose_config
-from digit_lightning.runs import ResumeError, find_checkpoint, lock_run_dir, resumed_config
+from digit_lightning.runs import Plan, ResumeError, find_checkpoint, lock_run_dir, plan_resume, resumed_config
 from digit_lightning.train import train
 
 # A small real slice: 30 batches of 64 per epoch, validated on 640 images.
@@ -54,6 +54,28 @@ def test_find_checkpoint_accepts_a_file_a_run_dir_and_last_of_any_task(tmp_path:
         find_checkpoint("last", tmp_path / "empty")
 
 
+def test_one_plan_says_what_a_training_resumes_from_and_where(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    run = fake_run(tmp_path, "r 1,x=y", []).resolve()  # Hydra's override grammar would split it unquoted
+    last = run / "checkpoints" / "last.ckpt"
+    assert plan_resume(str(run), tmp_path) == Plan(last, run)  # the CLI, before Hydra picks a dir: go on in place
+    assert plan_resume(str(last), tmp_path, run) == Plan(last, run)  # running in that run dir already
+    assert plan_resume(str(run), tmp_path, tmp_path / "new") == Plan(last)  # elsewhere: its weights, typed settings
+    assert plan_resume(None, tmp_path, run) == Plan()
+    hydra = compose_config(Plan(last, run).hydra_overrides(), return_hydra_config=True).hydra  # plain overrides
+    assert hydra.run.dir == str(run) and hydra.output_subdir == ".hydra/resume"  # the run's .hydra/ stays its own
+    with pytest.raises(ResumeError, match="cannot be continued in place; rename it"):
+        Plan(last, tmp_path / "it's").hydra_overrides()
+
+    # SLURM requeued the job: the newer of its last.ckpt and Lightning's hpc_ckpt_N.ckpt, in the job's own dir.
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    (run / "hpc_ckpt_1.ckpt").write_bytes(b"ckpt")
+    os.utime(last, (1e9, 1e9))
+    assert plan_resume(None, tmp_path, run) == Plan(run / "hpc_ckpt_1.ckpt", requeued=True)
+    assert plan_resume(None, tmp_path, tmp_path / "fresh") == Plan()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the job's first run
+    assert plan_resume(None, tmp_path, run) == Plan()
+
+
 def test_a_resumed_run_takes_its_saved_settings_and_the_keys_typed_now(tmp_path: Path):
     run = fake_run(tmp_path, "r1", ["data.batch_size=64", "trainer.max_epochs=1", "data.augment={degrees:5}"])
     typed = ["ckpt_path=last", "trainer.max_epochs=3", "+trainer.limit_train_batches=5"]
@@ -82,6 +104,7 @@ def test_cli_names_a_missing_checkpoint_in_one_line(run_cli, tmp_path: Path):
     assert result.stderr.strip().splitlines() == [
         f"error: ckpt_path=last: no run under {tmp_path}/ has checkpoints/last.ckpt; train a run first"
     ]
+    assert list(tmp_path.iterdir()) == []  # refused before Hydra made a run dir for it
 
 
 def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

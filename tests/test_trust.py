@@ -16,13 +16,13 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
-from digit_lightning.checkpoint import CheckpointError, check_resumable, load_checkpoint
+from digit_lightning.checkpoint import CheckpointError, load_checkpoint
 from digit_lightning.cli import EXIT_USER_ERROR, compose_config, instantiate_group
 from digit_lightning.errors import UserError
 from digit_lightning.export import ExportError, export
 from digit_lightning.models import ModelError, build_net
 from digit_lightning.module import DigitClassifier
-from digit_lightning.runs import ResumeError, lock_run_dir, refuse_links, resume_dir, resumed_config
+from digit_lightning.runs import ResumeError, lock_run_dir, plan_resume, refuse_links, resumed_config
 from digit_lightning.sweep_report import write_report
 from digit_lightning.train import train
 
@@ -68,14 +68,14 @@ def test_crafted_checkpoint_runs_nothing(small_checkpoint, tmp_path: Path, gadge
     assert not marker.exists(), "a crafted checkpoint ran code"
 
 
-def test_weights_that_do_not_fit_are_refused_before_anything_is_built(small_checkpoint, tmp_path: Path):
+def test_weights_that_do_not_fit_are_refused_before_anything_is_built(small_checkpoint, make_cfg, tmp_path: Path):
     checkpoint = torch.load(small_checkpoint[0], weights_only=True)
     checkpoint["state_dict"]["net.fc1.weight"] = torch.zeros(3, 3)
     torch.save(checkpoint, tmp_path / "shape.ckpt")
     with pytest.raises(CheckpointError, match="weights do not fit the model it names.*wrong shape: net.fc1.weight"):
         load_checkpoint(tmp_path / "shape.ckpt")
-    with pytest.raises(CheckpointError, match="weights do not fit"):
-        check_resumable(tmp_path / "shape.ckpt", DigitClassifier())
+    with pytest.raises(CheckpointError, match="weights do not fit"):  # the resume path, before fit
+        train(make_cfg(f"ckpt_path={tmp_path / 'shape.ckpt'}", *RESUME))
 
 
 @pytest.mark.slow  # the CLI twin of an in-process test above
@@ -444,8 +444,7 @@ def test_a_run_dir_holding_links_is_refused(base_run, tmp_path: Path, link: str)
     victim.mkdir() if link in (".hydra/resume", "tensorboard") else victim.write_text("keep")
     (run / link).unlink(missing_ok=True)
     (run / link).symlink_to(run / link if link == ".lock" else victim)  # .lock: a link loop
-    assert resume_dir(str(run), str(tmp_path), "new") == "new"
-    for refuse in (refuse_links, lock_run_dir):
+    for refuse in (lambda run: plan_resume(str(run), tmp_path), refuse_links, lock_run_dir):  # plan: before Hydra
         with pytest.raises(ResumeError, match=f"{link} is a symbolic link; a run dir holding links or special"):
             refuse(run)
 
@@ -475,9 +474,9 @@ def test_a_run_dir_holding_hard_links_or_special_files_is_refused(base_run, tmp_
         "fifo": lambda: os.mkfifo(target),
         "file": lambda: target.write_text("x"),
     }[kind]()
-    assert resume_dir(str(run), str(tmp_path), "new") == "new"  # Hydra writes into a new dir, not through it
-    with pytest.raises(ResumeError, match=f"{name} is {why}"):
-        refuse_links(run)
+    for refuse in (lambda run: plan_resume(str(run), tmp_path), refuse_links):  # the plan: before Hydra writes
+        with pytest.raises(ResumeError, match=f"{name} is {why}"):
+            refuse(run)
     assert victim.read_text() == "keep"
 
 
@@ -510,6 +509,7 @@ def test_training_in_a_run_dir_with_a_linked_log_writes_nothing_through_it(base_
         and "train.log is a symbolic link" in result.stderr
     )
     assert victim.read_text() == "keep\n" and "Traceback" not in result.stdout + result.stderr
+    assert [p.name for p in run.parent.iterdir()] == ["planted"]  # refused before Hydra made a run dir of its own
 
 
 def test_export_never_writes_through_a_linked_default_output(base_run, tmp_path: Path):
