@@ -98,16 +98,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return model.to(map_location).eval()
 
 
-def check_resumable(path: str | Path, model: DigitClassifier) -> None:
-    """Before `trainer.fit(ckpt_path=path)`: one line unless `path` is a checkpoint of `model`'s net."""
-    path = Path(path)
-    checkpoint = read_checkpoint(path)
-    net_spec(checkpoint, path)
-    check_fit(path, checkpoint["state_dict"], model.state_dict())
-    if "optimizer_states" not in checkpoint or "loops" not in checkpoint:
-        raise CheckpointError(f"{path}: holds weights but no training state; it cannot be resumed")
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`torch.save` to a temp file in the checkpoint's directory, fsync, then rename it into place; loads only what
     `hand_over` prepared (digit_lightning/resume.py) or, else, a local file read with `weights_only=True`; removes

@@ -124,11 +124,16 @@ def test_cli_reports_a_bad_checkpoint_in_one_line(run_cli, tmp_path: Path, entry
     assert result.stderr.startswith(f"error: {tmp_path / 'bad.ckpt'}: ")
 
 
-def test_train_refuses_a_checkpoint_of_other_weights_in_one_line(small_checkpoint, tmp_path: Path):
-    from digit_lightning.checkpoint import check_resumable
+def test_train_refuses_a_checkpoint_of_other_weights_in_one_line(small_checkpoint, make_cfg, tmp_path: Path):
+    """The resume path itself (train's, before fit): each bad file is one line naming it; the good one resumes."""
+    from digit_lightning.train import train
 
     files = bad_files(tmp_path, small_checkpoint[0])
+    quick = ["data.batch_size=64", "+trainer.limit_train_batches=150", "+trainer.limit_val_batches=2",
+             "trainer.max_epochs=1", "test=false", "logger=none", "callbacks.progress_bar=null"]  # fmt: skip
     for kind in ("state_dict", "other_model", "other_weights", "truncated", "text"):
-        with pytest.raises(CheckpointError):
-            check_resumable(files[kind][0], DigitClassifier())
-    check_resumable(small_checkpoint[0], DigitClassifier())
+        path, phrase = files[kind]
+        with pytest.raises(CheckpointError) as error:
+            train(make_cfg(f"ckpt_path={path}", *quick))
+        assert "\n" not in str(error.value) and str(path) in str(error.value) and phrase in str(error.value)
+    train(make_cfg(f"ckpt_path={small_checkpoint[0]}", *quick))  # its one epoch is done: nothing left to fit
