@@ -19,7 +19,13 @@ from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
-from hydra.errors import HydraException, InstantiationException, MissingConfigException, OverrideParseException
+from hydra.errors import (
+    ConfigCompositionException,
+    HydraException,
+    InstantiationException,
+    MissingConfigException,
+    OverrideParseException,
+)
 from omegaconf import DictConfig
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
@@ -81,12 +87,16 @@ def one_line(error: BaseException) -> str:
             hint = f"the keys here are: {', '.join(map(str, allowed))}"
         return f"{path}: no such key; {hint}"
     if isinstance(error, InstantiationException) and cause is not None:
-        # Lightning, torch or our classes refused an argument; their message says which.
+        # Lightning, torch or our classes refused an argument; their message says which. Hydra 1.3.8 gives the key
+        # being instantiated only in its message's last line (`full_key: model.optimizer`), no attribute.
         text = str(error)
-        where = text.rsplit("full_key: ", 1)[1].strip() if "\nfull_key: " in text else type(cause).__name__
+        where = text.rsplit("\nfull_key: ", 1)[1].strip() if "\nfull_key: " in text else type(cause).__name__
         return f"{where}: {' '.join(str(cause).split())}"
+    # Hydra 1.3.8 appends its config search path to a composition error's message: not for a user's eyes.
     text = " ".join(str(error).split("Config search path")[0].split())
-    if "No match in the defaults list" in text:
+    if isinstance(error, ConfigCompositionException) and "No match in the defaults list" in text:
+        # `group=option` for a group this command lacks. Hydra 1.3.8 names the group only in the message
+        # ("Could not override 'model'. No match in the defaults list."): no attribute, no subclass to tell by.
         return f"{text.split(chr(39))[1]}: this command has no such config group; see --help for its groups"
     return text
 
