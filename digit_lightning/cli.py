@@ -27,7 +27,13 @@ from hydra.errors import (
     OverrideParseException,
 )
 from omegaconf import DictConfig
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 from digit_lightning import CONFIG_DIR, resolvers, schema  # noqa: F401  (resolvers: registers those conf/hydra uses)
 from digit_lightning.config import type_error
@@ -86,6 +92,11 @@ def one_line(error: BaseException) -> str:
         else:
             hint = f"the keys here are: {', '.join(map(str, allowed))}"
         return f"{path}: no such key; {hint}"
+    if isinstance(error, MissingMandatoryValue):  # a `???` left in a config (a run dir's, or one's own)
+        return f"{error.full_key}: has no value (???); set it, e.g. {error.full_key}=..."
+    if isinstance(error, ValidationError) and error.full_key:  # a value a typed field cannot take
+        # OmegaConf 2.3 keeps the reason only as the first line of its formatted `msg` (then full_key, object_type).
+        return f"{error.full_key}: {str(error.msg).splitlines()[0].strip()}"
     if isinstance(error, InstantiationException) and cause is not None:
         # Lightning, torch or our classes refused an argument; their message says which. Hydra 1.3.8 gives the key
         # being instantiated only in its message's last line (`full_key: model.optimizer`), no attribute.

@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from omegaconf.errors import ValidationError
+from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from digit_lightning import schema
 from digit_lightning.cli import CONFIG_DIR, EXIT_USER_ERROR, compose_config, one_line
@@ -98,6 +99,25 @@ def test_hydra_composition_errors_become_one_line(override: str, line: str):
         compose_config(["paths.output_dir=/tmp/x", override])
     message = one_line(err.value)
     assert message.startswith(line) and "\n" not in message, message
+
+
+def test_omegaconf_errors_are_named_by_their_key_not_their_text():
+    """OmegaConf's errors carry the key (`full_key`) and the reason (`msg`) as attributes: one line from those."""
+    cfg = compose_config(["paths.output_dir=/tmp/x", "data.batch_size=???"])
+    with pytest.raises(MissingMandatoryValue) as missing:
+        _ = cfg.data.batch_size
+    assert one_line(missing.value) == "data.batch_size: has no value (???); set it, e.g. data.batch_size=..."
+
+    @dataclass
+    class Typed:  # a typed node outside schema.py's settings (those get config.type_error's line first)
+        count: int = 1
+
+    typed = OmegaConf.create({"custom": OmegaConf.structured(Typed)})
+    with pytest.raises(ValidationError) as invalid:
+        typed.custom.count = "abc"
+    message = one_line(invalid.value)
+    assert message.startswith("custom.count: Value 'abc' of type 'str' could not be converted to Integer")
+    assert "\n" not in message and "full_key" not in message
 
 
 def test_python_api_raises_config_error_before_building_anything(tmp_path: Path):
