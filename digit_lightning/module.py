@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -199,8 +200,18 @@ class DigitClassifier(L.LightningModule):
         schedule over the new length, from the step it reached."""
         self._last_step = self.trainer.estimated_stepping_batches
         steps = int(self.trainer.estimated_stepping_batches)
-        for config in self.trainer.lr_scheduler_configs:
+        trainer = self.trainer
+        for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
+            if (
+                isinstance(scheduler, OneCycleLR)
+                and scheduler.last_epoch >= scheduler.total_steps
+                and trainer.max_epochs
+            ):
+                # A finished plan resumed at its end with fewer batches an epoch than it had (the estimate above is
+                # then below the steps already done): what is left is whole epochs of this fit's batches.
+                per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+                steps = max(steps, scheduler.last_epoch + per_epoch * (trainer.max_epochs - trainer.current_epoch))
             # Only a longer run: a resume with the planned length must continue the exact schedule it had.
             if isinstance(scheduler, OneCycleLR) and scheduler.total_steps < steps:
                 log.info(

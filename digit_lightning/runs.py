@@ -38,6 +38,8 @@ WRITES_TO = frozenset({"dirpath", "filename", "save_dir", "default_root_dir", "n
                        "log_dir", "root_dir", "data_dir", "output_dir", "filepath", "path", "task_name"})  # fmt: skip
 RUN_SUBDIRS = (".hydra", "checkpoints", "tensorboard", "csv")  # what a run writes into, besides its top level
 REQUIRED_NODES = frozenset({"model", "model.net", "model.optimizer", "data", "trainer", "extras"})  # never null
+SAFETY = frozenset({"data.verify"})  # checks a run dir's config cannot turn off
+ADDS_ARGUMENTS = ("trainer", "model", "data")  # where a run dir's +key=value arguments are taken (not logger)
 log = logging.getLogger(__name__)
 
 
@@ -47,7 +49,20 @@ class ResumeError(UserError):
 
 def newest(found: list[Path]) -> Path:
     """The most recently written of `found` (by mtime)."""
-    return max(found, key=lambda p: p.stat().st_mtime).resolve()
+    return max(found, key=lambda p: p.stat().st_mtime)
+
+
+def own_file(named: Path, found: Path, spec: object) -> Path:
+    """`found`, a checkpoint found inside `named` (a run, sweep or log dir), as an absolute path, not resolved: it is
+    refused when it, or a dir between `named` and it, is a symbolic link, since a run's files must be its own (through
+    a link, a resumed run would continue in, write into and delete from the run the link points to)."""
+    for part in (found, *found.parents):
+        if part == named:
+            break
+        if part.is_symlink():
+            raise ResumeError(f"ckpt_path={spec}: {part.relative_to(named)} is a symbolic link; a run's checkpoints "
+                              "are read only as its own files; pass the file you mean as ckpt_path=<file>")  # fmt: skip
+    return Path(os.path.abspath(found))
 
 
 def find_checkpoint(spec: str | Path, log_dir: str | Path = "logs") -> Path:
@@ -56,17 +71,17 @@ def find_checkpoint(spec: str | Path, log_dir: str | Path = "logs") -> Path:
     if str(spec) == "last":
         found = list(Path(log_dir).glob(f"*/runs/*/checkpoints/{LAST}"))
         if found:
-            return newest(found)
+            return own_file(Path(log_dir), newest(found), spec)
         sweeps = sorted(Path(log_dir).glob(f"*/multiruns/*/*/checkpoints/{LAST}"), key=lambda p: p.stat().st_mtime)
         hint = f"; for a sweep's job, name its sweep dir: ckpt_path={sweeps[-1].parents[2]}" if sweeps else ""
         raise ResumeError(f"ckpt_path=last: no run under {log_dir}/ has checkpoints/{LAST}; train a run first{hint}")
     path = Path(spec).expanduser()
     for candidate in (path, path / "checkpoints" / LAST, path / LAST):
         if candidate.is_file():
-            return candidate.resolve()
+            return own_file(path, candidate, spec)
     jobs = list(path.glob(f"*/checkpoints/{LAST}")) if path.is_dir() else []
     if jobs:  # a sweep dir: its newest job
-        return newest(jobs)
+        return own_file(path, newest(jobs), spec)
     raise ResumeError(f"ckpt_path={spec}: no such checkpoint file or run dir with checkpoints/{LAST}")
 
 
@@ -98,7 +113,7 @@ def run_model(spec: str | Path, log_dir: str | Path = "logs") -> Path:
     if len(best) != 1:
         raise ResumeError(f"{run}: its model is its best val/acc epoch, but checkpoints/ holds {len(best)} "
                           "epoch_*.ckpt files; pass the one you mean as ckpt_path=<file>")  # fmt: skip
-    return best[0].resolve()
+    return own_file(run, best[0], spec)
 
 
 @dataclass(frozen=True)
@@ -287,7 +302,8 @@ def _overlay(base: object, saved: object, where: str, dropped: list[str]) -> obj
                 merged[k] = _overlay(base[k], v, below, dropped)
             elif (
                 k not in base and "_target_" in base and not str(k).startswith("_") and _plain(v) and not _writes(below)
-            ):
+                and below.startswith(ADDS_ARGUMENTS)
+            ):  # fmt: skip
                 merged[k] = v  # an argument added with +key=value
             elif v != base.get(k):
                 dropped.append(below)
@@ -295,7 +311,7 @@ def _overlay(base: object, saved: object, where: str, dropped: list[str]) -> obj
     derived = isinstance(base, str) and "${" in base
     node = isinstance(base, dict) or (isinstance(base, list) and not _plain(base))
     required = where in REQUIRED_NODES
-    if derived or _writes(where) or not _plain(saved) or (node and (saved is not None or required)):
+    if derived or _writes(where) or where in SAFETY or not _plain(saved) or (node and (saved is not None or required)):
         dropped.append(where)
         return base
     return saved

@@ -243,3 +243,15 @@ def test_sigterm_mid_validation_resumes_into_that_validation(mnist_dir: Path, tm
     for weights in ("state_dict", "current_model_state"):  # the EMA's average, and the raw weights trained
         for name, tensor in a[weights].items():
             assert torch.equal(tensor, b[weights][name]), (weights, name)
+
+
+def test_a_finished_run_resumed_with_fewer_batches_an_epoch_replans_its_one_cycle(make_cfg, tmp_path: Path, caplog):
+    """The attack review's traceback: a finished one-cycle run (8 steps planned, 8 done) resumed for a 2nd epoch of
+    3 batches; Lightning's estimate (2 x 3 = 6) is below the steps done, and the schedule would be stepped past its
+    end (torch's ValueError). It is re-planned over the steps this fit will take instead, and the run finishes."""
+    short = ["+trainer.limit_val_batches=2", "+trainer.limit_test_batches=1", "test=false", "logger=none"]
+    train(make_cfg("trainer.max_epochs=1", "+trainer.limit_train_batches=8", *short))
+    caplog.set_level("INFO", logger="digit_lightning.module")
+    train(make_cfg(f"ckpt_path={tmp_path}", "trainer.max_epochs=2", "+trainer.limit_train_batches=3", *short))
+    assert json.loads((tmp_path / "metrics.json").read_text())["global_step"] == 11
+    assert "Re-planned the one-cycle schedule from 8 to 11 steps" in caplog.text

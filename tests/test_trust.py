@@ -22,7 +22,7 @@ from digit_lightning.errors import UserError
 from digit_lightning.export import ExportError, export
 from digit_lightning.models import ModelError, build_net
 from digit_lightning.module import DigitClassifier
-from digit_lightning.runs import ResumeError, lock_run_dir, plan_resume, refuse_links, resumed_config
+from digit_lightning.runs import ResumeError, lock_run_dir, plan_resume, refuse_links, resumed_config, run_model
 from digit_lightning.sweep_report import write_report
 from digit_lightning.train import train
 
@@ -447,6 +447,57 @@ def test_a_run_dir_holding_links_is_refused(base_run, tmp_path: Path, link: str)
     for refuse in (lambda run: plan_resume(str(run), tmp_path), refuse_links, lock_run_dir):  # plan: before Hydra
         with pytest.raises(ResumeError, match=f"{link} is a symbolic link; a run dir holding links or special"):
             refuse(run)
+
+
+@pytest.mark.parametrize("link", ["checkpoints/last.ckpt", "checkpoints", "job0", "best"])
+def test_a_link_inside_a_named_dir_never_leads_into_another_run(base_run, tmp_path: Path, link: str):
+    """The second attack review: a crafted dir whose checkpoint (or checkpoints dir, or a sweep's job dir) is a link
+    into a victim's run. Resolved, it would make the training continue in the victim's run (overwriting its last.ckpt
+    and config, deleting its epoch_000.ckpt) and export write beside the victim's file. Every entry point's lookup
+    refuses it in one line, before anything is written."""
+    victim = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path / "victim", lambda cfg, overrides: None)
+    shutil.copy(victim / "checkpoints" / "last.ckpt", victim / "checkpoints" / "epoch_000.ckpt")
+    before = {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()}
+    crafted = tmp_path / "crafted"
+    if link == "job0":  # read as a sweep dir: its newest job is a link to the victim's run
+        crafted.mkdir()
+        (crafted / "job0").symlink_to(victim)
+    else:
+        run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path / "crafted_root", lambda c, o: None)
+        crafted = run
+        if link == "checkpoints":
+            shutil.rmtree(run / "checkpoints")
+            (run / "checkpoints").symlink_to(victim / "checkpoints")
+        elif link == "best":  # the run's model is its best epoch (constant lr), a link to the victim's
+            config = yaml.safe_load((run / ".hydra" / "config.yaml").read_text())
+            config["model"]["scheduler"] = None
+            (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+            (run / "checkpoints" / "epoch_000.ckpt").symlink_to(victim / "checkpoints" / "epoch_000.ckpt")
+        else:
+            (run / link).unlink()
+            (run / link).symlink_to(victim / link)
+    lookups = [lambda: run_model(str(crafted), tmp_path)]
+    if link != "best":
+        lookups.append(lambda: plan_resume(str(crafted), tmp_path))
+    for lookup in lookups:
+        with pytest.raises(ResumeError, match="is a symbolic link; a run's checkpoints are read only as its own") as e:
+            lookup()
+        assert "\n" not in str(e.value)
+    assert {p: p.read_bytes() for p in victim.rglob("*") if p.is_file()} == before
+
+
+def test_a_run_dir_config_cannot_add_logger_arguments_or_turn_off_checks(base_run, tmp_path: Path):
+    """The second attack review: keys added to a logger node (W&B's `log_model: all` copies every checkpoint out of
+    the run) and `data.verify: false` (the md5 checks of the user's data) are not taken from a run dir."""
+
+    def edit(cfg: dict, overrides: list[str]) -> None:
+        cfg["logger"] = {"tensorboard": {**cfg["logger"]["tensorboard"], "log_model": "all"}}
+        cfg["data"]["verify"] = False
+        cfg["model"]["optimizer"]["amsgrad"] = True  # an argument added with +model.optimizer.amsgrad=true: taken
+
+    _, cfg = resume_planted(base_run, tmp_path, edit, "logger=tensorboard")
+    assert "log_model" not in cfg.logger.tensorboard and cfg.data.verify is True
+    assert cfg.model.optimizer.amsgrad is True
 
 
 @pytest.mark.parametrize(
