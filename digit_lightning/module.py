@@ -198,25 +198,23 @@ class DigitClassifier(L.LightningModule):
     def on_train_start(self) -> None:
         """Note the run's length; a run resumed with more epochs than it was planned for: re-plan its one-cycle
         schedule over the new length, from the step it reached."""
-        self._last_step = self.trainer.estimated_stepping_batches
-        steps = int(self.trainer.estimated_stepping_batches)
         trainer = self.trainer
+        self._last_step = trainer.estimated_stepping_batches
         for config in trainer.lr_scheduler_configs:
             scheduler = config.scheduler
-            if (
-                isinstance(scheduler, OneCycleLR)
-                and scheduler.last_epoch >= scheduler.total_steps
-                and trainer.max_epochs
-            ):
+            if not isinstance(scheduler, OneCycleLR):
+                continue
+            steps = int(trainer.estimated_stepping_batches)
+            if scheduler.last_epoch >= scheduler.total_steps and trainer.max_epochs:
                 # A finished plan resumed at its end with fewer batches an epoch than it had (the estimate above is
                 # then below the steps already done): what is left is whole epochs of this fit's batches.
                 per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
                 steps = max(steps, scheduler.last_epoch + per_epoch * (trainer.max_epochs - trainer.current_epoch))
             # Only a longer run: a resume with the planned length must continue the exact schedule it had.
-            if isinstance(scheduler, OneCycleLR) and scheduler.total_steps < steps:
+            if scheduler.total_steps < steps:
                 log.info(
                     f"Re-planned the one-cycle schedule from {scheduler.total_steps} to {steps} steps "
-                    f"(trainer.max_epochs={self.trainer.max_epochs}); it continues from step {scheduler.last_epoch}"
+                    f"(trainer.max_epochs={trainer.max_epochs}); it continues from step {scheduler.last_epoch}"
                 )
                 # The configured schedule, built for the new length as if resumed at this step (torch's public
                 # `last_epoch` argument: the optimizer keeps its restored state, the lr is the new plan's).
