@@ -79,7 +79,7 @@ def start_server(ckpt: str, batch: int, workers: int, png: bytes) -> tuple[subpr
         server.kill()
         sys.exit(f"the server did not start: {first}{server.stdout.read()}")
     port = int(first.split(" on http://127.0.0.1:")[1].split()[0])
-    for _ in range(4 * workers):  # the workers load their models after the socket opens: a few first answers
+    for _ in range(4 * workers):  # warm-up: a few first answers per worker
         post(http.client.HTTPConnection("127.0.0.1", port, timeout=120), png)
     return server, port
 

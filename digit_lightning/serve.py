@@ -18,11 +18,13 @@ from digit_lightning import cli
 cli.answer_help(__name__, "serve")  # before torch and FastAPI: help needs neither
 
 import asyncio
+import functools
 import json
 import multiprocessing
 import os
 import signal
 import socket
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from importlib.resources import files
 from pathlib import Path
@@ -314,14 +316,36 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve_worker(paths: list[str], settings: dict[str, Any], sock: socket.socket, info: dict[str, Any]) -> None:
-    """One worker process (or the only one): load the model, answer requests on `sock` until stopped."""
+def serve_worker(
+    paths: list[str], settings: dict[str, Any], sock: socket.socket, info: dict[str, Any], ready: Callable[[], Any]
+) -> None:
+    """One worker process (or the only one): load the model, call `ready()` once it accepts connections on `sock`,
+    answer requests until stopped."""
     if settings["workers"] > 1:  # share the cores among the workers rather than oversubscribe them
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // settings["workers"]))
     model = load_model([Path(p) for p in paths], tta=settings["tta"], map_location=settings["device"])
     app = create_app(model, info, settings)
     config = uvicorn.Config(app, log_level="warning", access_log=settings["access_log"], timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
+    AnnouncingServer(config, ready).run(sockets=[sock])
+
+
+class AnnouncingServer(uvicorn.Server if not MISSING else object):
+    """uvicorn's server, calling `ready()` once it accepts connections: the "serving ..." line is printed when every
+    worker answers (a line printed while a worker still loads its model sent all first requests to the other)."""
+
+    def __init__(self, config: Any, ready: Callable[[], Any]) -> None:
+        super().__init__(config)
+        self.ready = ready
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            self.ready()
+
+
+def release(semaphore: Any) -> None:
+    """Release `semaphore`: one more worker answers."""
+    semaphore.release()
 
 
 def serve(cfg: DictConfig) -> None:
@@ -338,17 +362,27 @@ def serve(cfg: DictConfig) -> None:
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     how = f"{settings['workers']} worker(s), batches of up to {settings['max_batch_size']}"
-    print(f"serving {info['name']} on {url} ({how}): POST {url}/predict, GET {url}/health, draw at {url}/", flush=True)
+    line = f"serving {info['name']} on {url} ({how}): POST {url}/predict, GET {url}/health, draw at {url}/"
     args = ([str(p) for p in paths], settings, sock, info)
     if settings["workers"] == 1:
-        serve_worker(*args)
+        serve_worker(*args, ready=functools.partial(print, line, flush=True))
         return
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
-    workers = [spawn.Process(target=serve_worker, args=args, daemon=True) for _ in range(settings["workers"])]
+    started = spawn.Semaphore(0)
+    count = settings["workers"]
+    ready = functools.partial(release, started)  # `started.release` is a C method: a worker could not unpickle it
+    workers = [spawn.Process(target=serve_worker, args=(*args, ready), daemon=True) for _ in range(count)]
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop the workers too, not only this process
     try:
         for worker in workers:
             worker.start()
+        waiting = count
+        while waiting:
+            if started.acquire(timeout=1):
+                waiting -= 1
+            elif any(worker.exitcode is not None for worker in workers):
+                raise SystemExit("error: a serve worker exited before it answered (its output is above)")
+        print(line, flush=True)
         for worker in workers:
             worker.join()
     except KeyboardInterrupt:
