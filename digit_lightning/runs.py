@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shlex
 import stat
 from dataclasses import dataclass
@@ -218,7 +219,10 @@ def refuse_links(run_dir: Path) -> None:
 
 def resume_command(ckpt: Path) -> str:
     """The command that resumes from `ckpt` (its run's settings are reloaded from its run dir)."""
-    return f"python -m digit_lightning.train {shlex.quote(f'ckpt_path={ckpt}')}"
+    path = str(ckpt)
+    if not re.fullmatch(r"[\w./-]+", path):  # in Hydra's override grammar `,` makes a list, a space splits, ...
+        path = "'" + path.replace("'", "\\'") + "'"
+    return f"python -m digit_lightning.train {shlex.quote(f'ckpt_path={path}')}"
 
 
 def _read_yaml(source: Path) -> object:

@@ -21,6 +21,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -213,6 +214,26 @@ def run(cfg: DictConfig, plan: runs.Plan | None = None) -> float | None:
     return metrics.get(cfg.get("optimized_metric"))
 
 
+def refuse_typed_dirs_with_links(args: list[str]) -> None:
+    """A run or sweep dir typed on the command line (`hydra.run.dir=`, `hydra.sweep.dir=`, with or without `+`/`++`)
+    that exists is refused when it holds links or special files, before Hydra writes its log and `.hydra/` there:
+    whatever else the command line holds (Hydra flags, a sweep), nothing is written through a planted link."""
+    for arg in args:
+        if arg.lstrip("+").split("=", 1)[0] not in ("hydra.run.dir", "hydra.sweep.dir"):
+            continue
+        try:
+            override = OverridesParser.create().parse_override(arg)
+        except HydraException:  # Hydra reports it
+            continue
+        value = None if override.is_sweep_override() else override.value()
+        if isinstance(value, str) and Path(value).is_dir():
+            dirs = [Path(value)]
+            if override.key_or_group == "hydra.sweep.dir":  # its job dirs are run dirs too
+                dirs += [p for p in Path(value).iterdir() if p.is_dir() and not p.is_symlink()]
+            for path in dirs:
+                runs.refuse_links(path)
+
+
 def command_line_plan(args: list[str]) -> runs.Plan | None:
     """The resume plan of a single run typed as `key=value` overrides with a `ckpt_path`, made before Hydra picks
     (and writes into) a run dir; None for a sweep, a command line with Hydra flags (`--cfg`, `-cd`, ...) or
@@ -225,7 +246,7 @@ def command_line_plan(args: list[str]) -> runs.Plan | None:
         return None
     if cfg.hydra.mode == RunMode.MULTIRUN:
         return None
-    typed_dir = any(a.split("=", 1)[0] == "hydra.run.dir" for a in args)
+    typed_dir = any(a.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for a in args)
     return runs.plan_resume(cfg.ckpt_path, cfg.paths.log_dir, cfg.hydra.run.dir if typed_dir else None)
 
 
@@ -234,6 +255,7 @@ def main() -> None:
     `error:` line, exit status 2 (see digit_lightning.cli)."""
 
     def start() -> None:
+        refuse_typed_dirs_with_links(sys.argv[1:])
         plan = command_line_plan(sys.argv[1:])
         sys.argv += plan.hydra_overrides() if plan else []
 

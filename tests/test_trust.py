@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -16,15 +17,24 @@ import torch
 import yaml
 from omegaconf import OmegaConf
 
+from digit_lightning import CONFIG_DIR
 from digit_lightning.checkpoint import CheckpointError, load_checkpoint
 from digit_lightning.cli import EXIT_USER_ERROR, compose_config, instantiate_group
 from digit_lightning.errors import UserError
 from digit_lightning.export import ExportError, export
 from digit_lightning.models import ModelError, build_net
 from digit_lightning.module import DigitClassifier
-from digit_lightning.runs import ResumeError, lock_run_dir, plan_resume, refuse_links, resumed_config, run_model
+from digit_lightning.runs import (
+    ResumeError,
+    lock_run_dir,
+    plan_resume,
+    refuse_links,
+    resume_command,
+    resumed_config,
+    run_model,
+)
 from digit_lightning.sweep_report import write_report
-from digit_lightning.train import train
+from digit_lightning.train import refuse_typed_dirs_with_links, train
 
 TOUCH = "digit_lightning.data.mnist.Path.touch"  # reachable through a module attribute: the old allow-list's hole
 WRITE = "digit_lightning.data.mnist.Path.write_text"
@@ -547,13 +557,34 @@ def test_a_lock_that_cannot_be_opened_is_one_line(tmp_path: Path):
         lock_run_dir(tmp_path)
 
 
-@pytest.mark.slow  # the CLI twin of test_a_run_dir_holding_links_is_refused
-def test_training_in_a_run_dir_with_a_linked_log_writes_nothing_through_it(base_run, run_cli, tmp_path: Path):
+@pytest.mark.parametrize("typed", ["hydra.run.dir", "++hydra.run.dir", "hydra.sweep.dir"])
+def test_a_typed_run_or_sweep_dir_holding_links_is_refused_before_hydra(base_run, tmp_path: Path, typed: str):
+    """The third attack review: Hydra flags (`-cd`) skip the resume plan, and Hydra writes train.log and .hydra/
+    into the run dir typed as hydra.run.dir (or a sweep's job dirs) before any task code runs: a typed dir is
+    checked first, whatever else the command line holds."""
+    run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
+    (run / "train.log").symlink_to(tmp_path / "victim.txt")
+    target = run.parent if typed == "hydra.sweep.dir" else run
+    with pytest.raises(ResumeError, match=r"train.log is a symbolic link; a run dir holding links"):
+        refuse_typed_dirs_with_links(["-cd", CONFIG_DIR, f"ckpt_path={run}", f"{typed}={target}"])
+    refuse_typed_dirs_with_links(["-cd", CONFIG_DIR, f"{typed}={tmp_path / 'new'}", f"{typed}=a,b", "-m"])  # fine
+
+
+def test_the_printed_resume_command_resumes_from_a_dir_named_with_commas_and_spaces(tmp_path: Path):
+    ckpt = tmp_path / "runs a,b" / "it's" / "checkpoints" / "last.ckpt"
+    (arg,) = shlex.split(resume_command(ckpt))[3:]
+    assert compose_config([arg]).ckpt_path == str(ckpt)
+
+
+@pytest.mark.slow  # the CLI twins of test_a_run_dir_holding_links_is_refused and of its typed-dir test
+@pytest.mark.parametrize("flags", [False, True])
+def test_training_in_a_run_dir_with_a_linked_log_writes_nothing_through_it(base_run, run_cli, tmp_path: Path, flags):
     run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
     victim = tmp_path / "victim.txt"
     victim.write_text("keep\n")
     (run / "train.log").symlink_to(victim)
-    result = run_cli("digit_lightning.train", f"ckpt_path={run}", cwd=tmp_path)
+    typed = ["-cd", CONFIG_DIR, f"hydra.run.dir={run}"] if flags else []  # Hydra flags: no resume plan
+    result = run_cli("digit_lightning.train", *typed, f"ckpt_path={run}", cwd=tmp_path)
     assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
     assert (
         result.stderr.strip().splitlines() == [result.stderr.strip()]
