@@ -152,6 +152,7 @@ def plan_resume(ckpt_path: object, log_dir: str | Path, here: str | Path | None 
     - no `ckpt_path`, in a SLURM job that SLURM requeued (preemption, `scontrol requeue`, Lightning's auto-requeue on
       SIGUSR1): the newer of `here`'s `checkpoints/last.ckpt` and Lightning's `hpc_ckpt_N.ckpt`, if any. The
       requeued job runs the same sweep job again, in the same run dir (submitit pickles its resolved config).
+      Not requeued: an `hpc_ckpt_N.ckpt` in `here` all the same (Lightning would load it itself under SLURM).
     - else a new run.
 
     A `ckpt_path` that is not one string (a list: an ensemble) plans nothing; `validate_config` refuses it.
@@ -164,11 +165,15 @@ def plan_resume(ckpt_path: object, log_dir: str | Path, here: str | Path | None 
         refuse_links(run)
         continues = here is None or Path(here).resolve() == run.resolve()
         return Plan(checkpoint, run if continues else None)
-    if here is None or int(os.environ.get("SLURM_RESTART_COUNT") or 0) < 1:
+    if here is None:
         return Plan()
     here = Path(here)
-    found = [p for p in [here / "checkpoints" / LAST, *here.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
-    return Plan(newest(found), requeued=True) if found else Plan()
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) >= 1
+    # Lightning resumes by itself from an hpc_ckpt_N.ckpt it finds in its root dir under SLURM, requeued or not,
+    # replaying the file: planned here instead, it is rebuilt like every resume (resume.for_fit).
+    candidates = [here / "checkpoints" / LAST] if requeued else []
+    found = [p for p in [*candidates, *here.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
+    return Plan(newest(found), requeued=requeued) if found else Plan()
 
 
 def run_dir_of(ckpt: Path) -> Path | None:

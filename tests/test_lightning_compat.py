@@ -1,5 +1,6 @@
 """Canaries for digit_lightning/lightning_compat.py: they fail the day Lightning changes what it reaches into, or
-fixes the behaviour it works around (then delete the workaround). A tiny model on random tensors: seconds."""
+fixes the behaviour it works around (then delete the workaround); and what Lightning's own `OnExceptionCheckpoint`
+and checkpoints lack, which `ResumableRun` adds. A tiny model on random tensors: seconds."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from digit_lightning.callbacks import EMA
+from digit_lightning.callbacks import EMA, ResumableRun
 from digit_lightning.lightning_compat import VAL_PROGRESS, holds_average, restart_validation, swap_weights
 
 
@@ -52,8 +54,8 @@ class SaveMidValidation(L.Callback):
             restart_validation(checkpoint)
 
 
-def trainer(tmp_path: Path, epochs: int, callbacks=()) -> L.Trainer:
-    return L.Trainer(max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_checkpointing=False,
+def trainer(tmp_path: Path, epochs: int, callbacks=(), checkpointing: bool = False) -> L.Trainer:
+    return L.Trainer(max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_checkpointing=checkpointing,
                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                      callbacks=list(callbacks))  # fmt: skip
 
@@ -90,3 +92,43 @@ def test_weight_averaging_internals_that_ema_uses(tmp_path: Path):
     assert all(torch.equal(average[k], v) for k, v in model.state_dict().items())
     swap_weights(ema, model)
     assert torch.equal(model.layer.weight, average["layer.weight"] + 1.0)
+
+
+# --- Why `ResumableRun` is still ours: what Lightning's own pieces do not do ---
+
+
+class RaiseAt(L.Callback):
+    """Raises `error` in the training batch `batch_idx` of epoch 0, as a guard that stops a broken run does."""
+
+    def __init__(self, error: BaseException, batch_idx: int = 2) -> None:
+        self.error, self.batch_idx = error, batch_idx
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.batch_idx:
+            raise self.error
+
+
+def test_lightnings_on_exception_checkpoint_saves_on_any_error_resumable_run_only_on_a_stop(tmp_path: Path):
+    """`OnExceptionCheckpoint` saves for every exception: a run stopped for a non-finite loss (a `UserError` of
+    FiniteLossGuard) would overwrite `last.ckpt` with its broken state. ResumableRun saves on SIGTERM and Ctrl-C."""
+    lightnings, ours = tmp_path / "lightning", tmp_path / "ours"
+    for callback in (OnExceptionCheckpoint(dirpath=lightnings, filename="last"), ResumableRun(dirpath=str(ours))):
+        with pytest.raises(ValueError, match="loss is nan"):
+            stopped = trainer(tmp_path, 1, [callback, RaiseAt(ValueError("loss is nan"))], checkpointing=True)
+            stopped.fit(Tiny(), loader(), loader())
+    assert (lightnings / "last.ckpt").is_file()
+    assert not ours.exists()
+
+
+def test_lightning_checkpoints_hold_no_random_states_resumable_run_adds_them(tmp_path: Path):
+    """A resumed run draws the same shuffles and augmentations as the uninterrupted one only if the global RNG states
+    ride in the checkpoint; Lightning's `save_checkpoint` does not save them."""
+    plain, ours = tmp_path / "plain.ckpt", tmp_path / "ours.ckpt"
+    for callbacks, path in (([], plain), ([ResumableRun()], ours)):
+        fit = trainer(tmp_path, 1, callbacks)
+        fit.fit(Tiny(), loader(), loader())
+        fit.save_checkpoint(path)
+    flat = repr(torch.load(plain, weights_only=True)).lower()
+    assert "rng" not in flat and "random" not in flat
+    (state,) = [s for name, s in torch.load(ours, weights_only=True)["callbacks"].items() if "ResumableRun" in name]
+    assert set(state["rng"]) == {"torch", "numpy", "python"}

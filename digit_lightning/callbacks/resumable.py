@@ -42,6 +42,10 @@ class ResumableRun(L.Callback):
     """Makes fit resumable: RNG states ride in every checkpoint (the data order after a resume is the same),
     SIGTERM or Ctrl-C during fit saves `<dirpath>/last.ckpt` and prints the command that resumes it, and so does a
     fit that ends between epoch ends (the epoch-end `last.ckpt` comes from a ModelCheckpoint without a monitor).
+
+    Not Lightning's `OnExceptionCheckpoint`: that saves on any exception (a run stopped for a non-finite loss would
+    put its broken state in `last.ckpt`), and Lightning's checkpoints hold no RNG states; tests/test_lightning_compat.py
+    shows both. Lightning's SLURM requeue and `hpc_ckpt` are used as they are (runs.plan_resume finds them).
     """
 
     def __init__(self, dirpath: str | None = None) -> None:
