@@ -100,8 +100,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`torch.save` to a temp file in the checkpoint's directory, fsync, then rename it into place; loads only what
-    `hand_over` prepared (digit_lightning/resume.py) or, else, a local file read with `weights_only=True`; removes
-    only regular files.
+    `hand_over` prepared (digit_lightning/resume.py); removes only regular files.
 
     Lightning's own save goes through an fsspec transaction whose temp file lives in the system temp dir; across
     filesystems its final move is a copy, and a kill during it leaves a truncated `last.ckpt`. Its own load and remove
@@ -117,10 +116,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.prepared[str(path)] = checkpoint
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
-        """The checkpoint handed over for `path`, else the local file `path` read with `weights_only=True`."""
+        """The checkpoint handed over for `path`; any other is refused: Lightning also loads checkpoints it finds by
+        itself (under SLURM, the newest `hpc_ckpt_N.ckpt` in `trainer.default_root_dir`), which nothing validated."""
         if str(path) in self.prepared:
             return self.prepared.pop(str(path))
-        return read_checkpoint(path)
+        raise CheckpointError(f"{path}: Lightning found this checkpoint by itself (e.g. a SLURM hpc_ckpt_N.ckpt in "
+                              "trainer.default_root_dir), and only checked ones are loaded; pass it as "
+                              "ckpt_path=<file> to resume from it, or remove it")  # fmt: skip
 
     def remove_checkpoint(self, path: Any) -> None:
         """Delete the checkpoint file `path`: a regular file or a link (never what it points to), never a directory."""

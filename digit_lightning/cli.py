@@ -112,13 +112,16 @@ def one_line(error: BaseException) -> str:
     return text
 
 
-# An OSError with one of these errnos is the machine's state, not a bug: the disk is full, the directory is read-only.
+# An OSError with one of these errnos is the machine's state, not a bug: the disk is full, the directory is read-only,
+# a file stands where a directory must be made.
 DISK_ERRNOS = {
     errno.ENOSPC: "free some space or write elsewhere",
     errno.EDQUOT: "free some space or write elsewhere",
     errno.EROFS: "write to a writable directory",
     errno.EACCES: "fix its permissions or use another path",
     errno.EPERM: "fix its permissions or use another path",
+    errno.EEXIST: "a file is where a directory must go; remove it or use another path",
+    errno.ENOTDIR: "a file is where a directory must go; remove it or use another path",
 }
 WHERE = "(training and eval: hydra.run.dir=... or paths.log_dir=...; export: output=...)"
 

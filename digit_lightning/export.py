@@ -124,6 +124,9 @@ def export(cfg: DictConfig) -> Path:
     net = load_model(paths, tta=cfg.get("tta", False)).net.eval()
     stem = paths[0].stem + ("_ensemble" if len(paths) > 1 else "_tta" if cfg.get("tta") else "")
     output = Path(cfg.output) if cfg.get("output") else paths[0].with_name(stem + FORMATS[cfg.format])
+    if not cfg.get("output") and paths[0].parent.is_symlink():  # a checkpoints dir linked elsewhere: not beside it
+        raise ExportError(f"{paths[0].parent} is a symbolic link; the export is not written beside the checkpoint "
+                          "there; pass output=<file>")  # fmt: skip
     if output.is_symlink():  # e.g. planted beside a checkpoint of a run dir someone handed you
         raise ExportError(f"output={output} is a symbolic link; refusing to write through it: remove it or pass "
                           "output=<another file>")  # fmt: skip

@@ -171,6 +171,9 @@ def plan_resume(ckpt_path: object, log_dir: str | Path, here: str | Path | None 
     requeued = int(os.environ.get("SLURM_RESTART_COUNT") or 0) >= 1
     # Lightning resumes by itself from an hpc_ckpt_N.ckpt it finds in its root dir under SLURM, requeued or not,
     # replaying the file: planned here instead, it is rebuilt like every resume (resume.for_fit).
+    odd = [p for p in here.glob("*hpc_ckpt_*") if not re.fullmatch(r"hpc_ckpt_\d+\.ckpt", p.name)]
+    if odd:  # Lightning's own scan reads the number of any name holding hpc_ckpt_, and fails on this one
+        raise ResumeError(f"{odd[0]}: not a checkpoint Lightning can number (hpc_ckpt_<N>.ckpt); rename or remove it")
     candidates = [here / "checkpoints" / LAST] if requeued else []
     found = [p for p in [*candidates, *here.glob("hpc_ckpt_*.ckpt")] if p.is_file()]
     return Plan(newest(found), requeued=requeued) if found else Plan()
@@ -197,35 +200,35 @@ def _unsafe(path: Path) -> str | None:
 
 
 def has_links(run_dir: Path) -> list[tuple[Path, str]]:
-    """What a run must not write through in its dir, with why: links and special files at its top level (train.log,
-    .lock, metrics.json, ...) and anywhere in what a run writes into (.hydra/, checkpoints/, tensorboard/, csv/), and
-    a file where a run writes a directory."""
+    """What a run must not write through in its dir, with why: the dir itself as a symbolic link, links and special
+    files anywhere in it (Hydra's output subdir and a sweep's job dirs may have any name), and a file where a run
+    writes a directory."""
     run_dir = Path(run_dir)
-    entries = list(run_dir.iterdir()) if run_dir.is_dir() else []
-    found = []
+    found = [(run_dir, "a symbolic link")] if run_dir.is_symlink() else []
+    for root, dirs, files in os.walk(run_dir):  # links to dirs are listed, not followed
+        found += [(path, why) for name in dirs + files if (why := _unsafe(path := Path(root, name)))]
     for sub in (*RUN_SUBDIRS, ".hydra/resume"):
         path = run_dir / sub
         if path.exists() and not path.is_dir():
             found.append((path, "not a directory"))
-        for root, dirs, files in os.walk(path):
-            entries += [Path(root, name) for name in dirs + files]
-    return [(p, why) for p in entries if (why := _unsafe(p))] + found
+    return found
 
 
 def refuse_links(run_dir: Path) -> None:
-    """Refuse a run dir that holds a link or a special file: a run writes into its dir, and through a planted link
-    it would write, append or delete elsewhere (a FIFO would block it)."""
+    """Refuse a run dir that is or holds a link or a special file: a run writes into its dir, and through a planted
+    link it would write, append or delete elsewhere (a FIFO would block it)."""
     found = has_links(run_dir)
     if found:
         path, why = found[0]
-        raise ResumeError(f"{run_dir}: {path.relative_to(run_dir)} is {why}; a run dir holding links or special files "
+        what = "it" if path == Path(run_dir) else path.relative_to(run_dir)
+        raise ResumeError(f"{run_dir}: {what} is {why}; a run dir holding links or special files "
                           "is refused (a run would write through them); remove it, or start a new run")  # fmt: skip
 
 
 def resume_command(ckpt: Path) -> str:
     """The command that resumes from `ckpt` (its run's settings are reloaded from its run dir)."""
     path = str(ckpt)
-    if not re.fullmatch(r"[\w./-]+", path):  # in Hydra's override grammar `,` makes a list, a space splits, ...
+    if not re.fullmatch(r"[A-Za-z0-9_./-]+", path):  # in Hydra's override grammar `,` makes a list, a space splits
         path = "'" + path.replace("'", "\\'") + "'"
     return f"python -m digit_lightning.train {shlex.quote(f'ckpt_path={path}')}"
 

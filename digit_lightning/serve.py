@@ -338,6 +338,7 @@ class AnnouncingServer(uvicorn.Server if not MISSING else object):
         self.ready = ready
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's startup, then `ready()` if it now accepts connections."""
         await super().startup(sockets=sockets)
         if self.started:
             self.ready()

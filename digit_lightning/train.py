@@ -214,24 +214,24 @@ def run(cfg: DictConfig, plan: runs.Plan | None = None) -> float | None:
     return metrics.get(cfg.get("optimized_metric"))
 
 
-def refuse_typed_dirs_with_links(args: list[str]) -> None:
-    """A run or sweep dir typed on the command line (`hydra.run.dir=`, `hydra.sweep.dir=`, with or without `+`/`++`)
-    that exists is refused when it holds links or special files, before Hydra writes its log and `.hydra/` there:
-    whatever else the command line holds (Hydra flags, a sweep), nothing is written through a planted link."""
-    for arg in args:
-        if arg.lstrip("+").split("=", 1)[0] not in ("hydra.run.dir", "hydra.sweep.dir"):
-            continue
+def refuse_linked_output_dirs(args: list[str]) -> None:
+    """The run dir and the sweep dir this command line gives Hydra (composed as Hydra will, interpolations and all)
+    are refused, when they exist, if they are or hold links or special files: Hydra writes its log and `.hydra/` there
+    before any task code runs, so nothing may be written through a planted link, whatever the command line holds."""
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]  # Hydra flags (-cd X, -m) are not overrides
+    try:  # a sweep's values (lr=1e-3,1e-4) do not compose; the dirs do not depend on them
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        fixed = [a for a, override in zip(overrides, parsed, strict=True) if not override.is_sweep_override()]
+        hydra_cfg = cli.compose_config(fixed, return_hydra_config=True).hydra
+    except (HydraException, OmegaConfBaseException, UserError):  # Hydra reports it, in its run
+        return
+    for key in ("run.dir", "sweep.dir"):
         try:
-            override = OverridesParser.create().parse_override(arg)
-        except HydraException:  # Hydra reports it
+            value = OmegaConf.select(hydra_cfg, key, throw_on_resolution_failure=True)
+        except OmegaConfBaseException:  # e.g. ${hydra:job.name}: known only once Hydra runs; its dir is a new one
             continue
-        value = None if override.is_sweep_override() else override.value()
-        if isinstance(value, str) and Path(value).is_dir():
-            dirs = [Path(value)]
-            if override.key_or_group == "hydra.sweep.dir":  # its job dirs are run dirs too
-                dirs += [p for p in Path(value).iterdir() if p.is_dir() and not p.is_symlink()]
-            for path in dirs:
-                runs.refuse_links(path)
+        if isinstance(value, str) and (Path(value).is_symlink() or Path(value).is_dir()):
+            runs.refuse_links(Path(value))
 
 
 def command_line_plan(args: list[str]) -> runs.Plan | None:
@@ -255,7 +255,7 @@ def main() -> None:
     `error:` line, exit status 2 (see digit_lightning.cli)."""
 
     def start() -> None:
-        refuse_typed_dirs_with_links(sys.argv[1:])
+        refuse_linked_output_dirs(sys.argv[1:])
         plan = command_line_plan(sys.argv[1:])
         sys.argv += plan.hydra_overrides() if plan else []
 

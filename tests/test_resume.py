@@ -76,6 +76,9 @@ def test_one_plan_says_what_a_training_resumes_from_and_where(tmp_path: Path, mo
     assert plan_resume(None, tmp_path, run) == Plan(run / "hpc_ckpt_1.ckpt")  # planned, so it is rebuilt instead
     (run / "hpc_ckpt_1.ckpt").unlink()
     assert plan_resume(None, tmp_path, run) == Plan()
+    (run / "hpc_ckpt_notes.txt").write_text("")  # Lightning's scan would fail on int('') with a traceback
+    with pytest.raises(ResumeError, match=r"hpc_ckpt_notes.txt: not a checkpoint Lightning can number"):
+        plan_resume(None, tmp_path, run)
 
 
 def test_a_resumed_run_takes_its_saved_settings_and_the_keys_typed_now(tmp_path: Path):

@@ -173,6 +173,17 @@ def test_a_full_disk_names_the_file_it_could_not_write(synthetic_cfg, tmp_path: 
     assert line.startswith(f"{err.value.filename}: No space left on device; free some space or write elsewhere")
 
 
+def test_a_file_where_a_run_makes_a_dir_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
+    """The third attack review: a sweep dir whose job dir `0` is a file made Hydra's mkdir raise FileExistsError."""
+    (tmp_path / "0").write_text("x")
+    for make in (lambda: (tmp_path / "0").mkdir(), lambda: (tmp_path / "0" / "run").mkdir(parents=True)):
+        with pytest.raises(SystemExit) as stop, cli.exit_on_user_error():
+            make()
+        assert stop.value.code == EXIT_USER_ERROR
+        (line,) = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: {tmp_path / '0'}") and "a file is where a directory must go; remove it" in line
+
+
 @pytest.mark.slow
 def test_cli_on_a_full_or_read_only_disk_is_one_line(run_cli, tmp_path: Path, mnist_dir: Path):
     """train into a 2 MB tmpfs; train and eval into a read-only mount, as a run dir and as the log dir."""

@@ -18,7 +18,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from digit_lightning import CONFIG_DIR
-from digit_lightning.checkpoint import CheckpointError, load_checkpoint
+from digit_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
 from digit_lightning.cli import EXIT_USER_ERROR, compose_config, instantiate_group
 from digit_lightning.errors import UserError
 from digit_lightning.export import ExportError, export
@@ -34,7 +34,7 @@ from digit_lightning.runs import (
     run_model,
 )
 from digit_lightning.sweep_report import write_report
-from digit_lightning.train import refuse_typed_dirs_with_links, train
+from digit_lightning.train import refuse_linked_output_dirs, train
 
 TOUCH = "digit_lightning.data.mnist.Path.touch"  # reachable through a module attribute: the old allow-list's hole
 WRITE = "digit_lightning.data.mnist.Path.write_text"
@@ -557,23 +557,76 @@ def test_a_lock_that_cannot_be_opened_is_one_line(tmp_path: Path):
         lock_run_dir(tmp_path)
 
 
-@pytest.mark.parametrize("typed", ["hydra.run.dir", "++hydra.run.dir", "hydra.sweep.dir"])
-def test_a_typed_run_or_sweep_dir_holding_links_is_refused_before_hydra(base_run, tmp_path: Path, typed: str):
-    """The third attack review: Hydra flags (`-cd`) skip the resume plan, and Hydra writes train.log and .hydra/
-    into the run dir typed as hydra.run.dir (or a sweep's job dirs) before any task code runs: a typed dir is
-    checked first, whatever else the command line holds."""
+TYPED_DIRS = {  # how a command line can name the dir Hydra writes into: (the arguments, where the link is planted)
+    "run dir": (lambda run: [f"hydra.run.dir={run}"], "train.log"),
+    "++run dir": (lambda run: [f"++hydra.run.dir={run}"], "train.log"),
+    "interpolated": (
+        lambda run: [f"paths.log_dir={run.parents[2]}", "hydra.run.dir=${paths.log_dir}/train/runs/planted"],
+        ".hydra/overrides.yaml",
+    ),  # fmt: skip
+    "as a dict": (lambda run: [f"hydra.run={{dir:{run}}}"], ".hydra/overrides.yaml"),
+    "output subdir": (lambda run: [f"hydra.run.dir={run}", "hydra.output_subdir=meta"], "meta/config.yaml"),
+    "sweep dir": (lambda run: ["-m", f"hydra.sweep.dir={run.parent}", "seed=1,2"], "planted/train.log"),
+    "nested sweep job": (
+        lambda run: ["-m", f"hydra.sweep.dir={run.parents[1]}", "hydra.sweep.subdir=runs/${hydra.job.num}"],
+        "runs/planted/train.log",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("how", list(TYPED_DIRS))
+def test_the_dir_hydra_would_write_into_is_refused_before_hydra_when_it_holds_links(base_run, tmp_path: Path, how):
+    """The third attack review: Hydra writes train.log and .hydra/ (or its output subdir) into the run dir, and
+    multirun.yaml and the jobs' dirs into the sweep dir, before any task code runs. Whatever names that dir (typed,
+    interpolated, a dict, Hydra flags), it is composed as Hydra will and checked first, anywhere inside."""
     run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
-    (run / "train.log").symlink_to(tmp_path / "victim.txt")
-    target = run.parent if typed == "hydra.sweep.dir" else run
-    with pytest.raises(ResumeError, match=r"train.log is a symbolic link; a run dir holding links"):
-        refuse_typed_dirs_with_links(["-cd", CONFIG_DIR, f"ckpt_path={run}", f"{typed}={target}"])
-    refuse_typed_dirs_with_links(["-cd", CONFIG_DIR, f"{typed}={tmp_path / 'new'}", f"{typed}=a,b", "-m"])  # fine
+    args, link = TYPED_DIRS[how]
+    (run / link).parent.mkdir(parents=True, exist_ok=True)
+    (run / link).unlink(missing_ok=True)
+    (run / link).symlink_to(tmp_path / "victim.txt")
+    with pytest.raises(ResumeError, match=r" is a symbolic link; a run dir holding links"):
+        refuse_linked_output_dirs(["-cd", CONFIG_DIR, f"ckpt_path={run}", *args(run)])
+    refuse_linked_output_dirs(["-cd", CONFIG_DIR, f"hydra.run.dir={tmp_path / 'new'}", "-m", "seed=1,2"])  # fine
+
+
+def test_a_run_dir_that_is_itself_a_link_is_refused(base_run, tmp_path: Path):
+    run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path / "elsewhere", lambda cfg, overrides: None)
+    (tmp_path / "handed").symlink_to(run)
+    with pytest.raises(ResumeError, match=r"handed: it is a symbolic link; a run dir holding links"):
+        refuse_linked_output_dirs([f"hydra.run.dir={tmp_path / 'handed'}"])
+    with pytest.raises(ResumeError, match=r"handed: it is a symbolic link"):  # nor continued through the link
+        plan_resume(str(tmp_path / "handed"), tmp_path)
+
+
+def test_checkpoint_io_loads_only_what_was_handed_over(base_run, tmp_path: Path):
+    """The third attack review: under SLURM, Lightning loads the newest `hpc_ckpt_N.ckpt` it finds in
+    `trainer.default_root_dir` by itself (its ModelCheckpoint state then deleted files outside the run); the IO
+    loads only checkpoints the resume rebuilt and handed over."""
+    io = AtomicCheckpointIO()
+    with pytest.raises(CheckpointError, match=r"hpc_ckpt_3.ckpt: Lightning found this checkpoint by itself"):
+        io.load_checkpoint(str(tmp_path / "hpc_ckpt_3.ckpt"))
+    io.hand_over(str(base_run / "checkpoints" / "last.ckpt"), {"rebuilt": True})
+    assert io.load_checkpoint(str(base_run / "checkpoints" / "last.ckpt")) == {"rebuilt": True}
+
+
+def test_export_is_not_written_beside_a_checkpoint_in_a_linked_dir(base_run, tmp_path: Path):
+    (tmp_path / "outside").mkdir()
+    shutil.copy(base_run / "checkpoints" / "last.ckpt", tmp_path / "outside" / "last.ckpt")
+    (tmp_path / "outside" / "last.pt").write_text("keep")
+    (tmp_path / "handed").mkdir()
+    (tmp_path / "handed" / "checkpoints").symlink_to(tmp_path / "outside")
+    cfg = compose_config([f"ckpt_path={tmp_path / 'handed' / 'checkpoints' / 'last.ckpt'}", "format=torchscript"],
+                         config_name="export")  # fmt: skip
+    with pytest.raises(ExportError, match=r"checkpoints is a symbolic link; .* pass output=<file>"):
+        export(cfg)
+    assert (tmp_path / "outside" / "last.pt").read_text() == "keep"
 
 
 def test_the_printed_resume_command_resumes_from_a_dir_named_with_commas_and_spaces(tmp_path: Path):
-    ckpt = tmp_path / "runs a,b" / "it's" / "checkpoints" / "last.ckpt"
-    (arg,) = shlex.split(resume_command(ckpt))[3:]
-    assert compose_config([arg]).ckpt_path == str(ckpt)
+    for name in ("runs a,b", "it's", "josé"):
+        ckpt = tmp_path / name / "checkpoints" / "last.ckpt"
+        (arg,) = shlex.split(resume_command(ckpt))[3:]
+        assert compose_config([arg]).ckpt_path == str(ckpt)
 
 
 @pytest.mark.slow  # the CLI twins of test_a_run_dir_holding_links_is_refused and of its typed-dir test
