@@ -127,7 +127,7 @@ WHERE = "(training and eval: hydra.run.dir=... or paths.log_dir=...; export: out
 
 
 def disk_error(error: OSError) -> str | None:
-    """An OSError that says the disk is full or read-only as one line with the fix; None for any other OSError."""
+    """An OSError of the machine's state (DISK_ERRNOS) as one line with the fix; None for any other OSError."""
     fix = DISK_ERRNOS.get(error.errno)
     if fix is None:
         return None
