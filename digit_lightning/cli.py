@@ -19,6 +19,7 @@ from typing import Any
 
 import hydra
 from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import (
     ConfigCompositionException,
     HydraException,
@@ -26,7 +27,8 @@ from hydra.errors import (
     MissingConfigException,
     OverrideParseException,
 )
-from omegaconf import DictConfig
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -35,7 +37,7 @@ from omegaconf.errors import (
     ValidationError,
 )
 
-from digit_lightning import CONFIG_DIR, resolvers, schema  # noqa: F401  (resolvers: registers those conf/hydra uses)
+from digit_lightning import CONFIG_DIR, resolvers, runs, schema  # noqa: F401  (resolvers: registers those conf/hydra uses)
 from digit_lightning.config import type_error
 from digit_lightning.errors import EXIT_SIGTERM, EXIT_SOME_FAILED, EXIT_USER_ERROR, UserError  # noqa: F401
 
@@ -122,6 +124,7 @@ DISK_ERRNOS = {
     errno.EPERM: "fix its permissions or use another path",
     errno.EEXIST: "a file is where a directory must go; remove it or use another path",
     errno.ENOTDIR: "a file is where a directory must go; remove it or use another path",
+    errno.ENAMETOOLONG: "use a shorter path",
 }
 WHERE = "(training and eval: hydra.run.dir=... or paths.log_dir=...; export: output=...)"
 
@@ -171,6 +174,43 @@ def exit_on_user_error() -> Iterator[None]:
         if SHOW_TRACEBACKS or disk_error(e) is None:
             raise
         fail(disk_error(e), to_log=False)
+
+
+class RunDirGuard(Callback):
+    """A Hydra callback (conf/hydra/default.yaml, the first callback): Hydra writes its log and `.hydra/` into the run
+    dir, and `multirun.yaml` and the jobs' dirs into the sweep dir, before any task code runs. They are checked here,
+    as Hydra resolved them, before it writes: a dir that is or holds a link or a special file where Hydra or a run
+    writes (`runs.refuse_links`), or an output subdir outside the run dir, is one `error:` line and status 2. It
+    exits rather than raises: Hydra turns a callback's exception into a warning and goes on."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The run dir, before Hydra makes it, configures its log file and saves its config there."""
+        HydraConfig.instance().set_config(config)  # as Hydra's run_job does first: ${hydra:...} resolves
+        try:
+            run_dir, subdir = Path(str(config.hydra.run.dir)), config.hydra.output_subdir
+        except OmegaConfBaseException:
+            return  # Hydra cannot resolve it either, and reports it
+        with exit_on_user_error():
+            if subdir is not None:
+                inside = os.path.normpath(run_dir / str(subdir))
+                if os.path.isabs(str(subdir)) or not inside.startswith(os.path.normpath(run_dir) + os.sep):
+                    raise UserError(f"hydra.output_subdir={subdir}: must be a dir inside the run dir (e.g. .hydra)")
+            if run_dir.is_symlink() or run_dir.is_dir():
+                runs.refuse_links(run_dir, also=() if subdir is None else (str(subdir),))
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """The sweep dir, all of it (its jobs' dirs), before the launcher writes multirun.yaml and the jobs run."""
+        HydraConfig.instance().set_config(config)
+        try:
+            sweep_dir = Path(str(config.hydra.sweep.dir))
+        except OmegaConfBaseException:
+            return
+        subdir = str(OmegaConf.to_container(config.hydra.sweep, resolve=False)["subdir"])
+        with exit_on_user_error():
+            if os.path.isabs(subdir) or ".." in Path(subdir).parts:
+                raise UserError(f"hydra.sweep.subdir={subdir}: must be a relative dir inside the sweep dir")
+            if sweep_dir.is_symlink() or sweep_dir.is_dir():
+                runs.refuse_links(sweep_dir, whole=True)
 
 
 class NoTips(logging.Filter):

@@ -199,25 +199,27 @@ def _unsafe(path: Path) -> str | None:
     return None if stat.S_ISDIR(info.st_mode) else "not a regular file or directory"
 
 
-def has_links(run_dir: Path) -> list[tuple[Path, str]]:
+def has_links(run_dir: Path, also: tuple[str, ...] = (), whole: bool = False) -> list[tuple[Path, str]]:
     """What a run must not write through in its dir, with why: the dir itself as a symbolic link, links and special
-    files anywhere in it (Hydra's output subdir and a sweep's job dirs may have any name), and a file where a run
-    writes a directory."""
+    files at its top level (train.log, .lock, metrics.json, ...) and anywhere in what a run writes into (.hydra/,
+    checkpoints/, tensorboard/, csv/, and the subdirs in `also`), or anywhere at all (`whole`: a sweep dir, whose job
+    dirs may nest), and a file where a run writes a directory."""
     run_dir = Path(run_dir)
     found = [(run_dir, "a symbolic link")] if run_dir.is_symlink() else []
-    for root, dirs, files in os.walk(run_dir):  # links to dirs are listed, not followed
-        found += [(path, why) for name in dirs + files if (why := _unsafe(path := Path(root, name)))]
-    for sub in (*RUN_SUBDIRS, ".hydra/resume"):
+    entries = [] if whole or not run_dir.is_dir() else list(run_dir.iterdir())
+    for sub in ("",) if whole else (*RUN_SUBDIRS, ".hydra/resume", *also):
         path = run_dir / sub
-        if path.exists() and not path.is_dir():
+        if sub and path.exists() and not path.is_dir():
             found.append((path, "not a directory"))
-    return found
+        for root, dirs, files in os.walk(path):  # links to dirs are listed, not followed
+            entries += [Path(root, name) for name in dirs + files]
+    return found + [(p, why) for p in entries if (why := _unsafe(p))]
 
 
-def refuse_links(run_dir: Path) -> None:
-    """Refuse a run dir that is or holds a link or a special file: a run writes into its dir, and through a planted
-    link it would write, append or delete elsewhere (a FIFO would block it)."""
-    found = has_links(run_dir)
+def refuse_links(run_dir: Path, also: tuple[str, ...] = (), whole: bool = False) -> None:
+    """Refuse a run dir that is or holds a link or a special file where a run writes (`has_links`): through a
+    planted link it would write, append or delete elsewhere (a FIFO would block it)."""
+    found = has_links(run_dir, also, whole)
     if found:
         path, why = found[0]
         what = "it" if path == Path(run_dir) else path.relative_to(run_dir)

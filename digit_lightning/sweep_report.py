@@ -82,12 +82,22 @@ def read_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     return jobs
 
 
+def read_mapping(path: Path) -> dict[str, Any]:
+    """A YAML file of the sweep dir as a mapping; {} when it is missing, not YAML or not a mapping (a report is
+    written from whatever else is there)."""
+    try:
+        tree = yaml.safe_load(path.read_text()) if path.is_file() else {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return tree if isinstance(tree, dict) else {}
+
+
 def objective(sweep_dir: Path, jobs: list[dict[str, Any]]) -> tuple[str, str]:
     """The optimized metric and its direction, from the multirun's config (Optuna's direction when it ran)."""
-    config_file = sweep_dir / "multirun.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-    metric = config.get("optimized_metric") or "val/acc_best"
-    direction = ((config.get("hydra") or {}).get("sweeper") or {}).get("direction")
+    config = read_mapping(sweep_dir / "multirun.yaml")
+    metric = str(config.get("optimized_metric") or "val/acc_best")
+    hydra = config.get("hydra") if isinstance(config.get("hydra"), dict) else {}
+    direction = (hydra.get("sweeper") if isinstance(hydra.get("sweeper"), dict) else {}).get("direction")
     if not isinstance(direction, str):
         direction = "minimize" if "loss" in metric else "maximize"
     return metric, direction
@@ -183,19 +193,24 @@ def _cell(value: Any) -> str:
 
 def load_study(sweep_dir: Path) -> Any | None:
     """The Optuna study named in the sweep's `optimization_results.yaml`; None if there is none or it is unreadable."""
-    results_file = sweep_dir / "optimization_results.yaml"
-    results = yaml.safe_load(results_file.read_text()) if results_file.is_file() else None
-    if not isinstance(results, dict) or not results.get("storage") or not results.get("study_name"):
+    results = read_mapping(sweep_dir / "optimization_results.yaml")
+    if not results.get("storage") or not results.get("study_name"):
         return None
     storage, name = str(results["storage"]), str(results["study_name"])
     try:
         import optuna
 
-        from digit_lightning.study import open_storage
-
-        if storage.startswith("sqlite:///") and not Path(storage.removeprefix("sqlite:///")).is_file():
-            raise FileNotFoundError(f"no such file {storage.removeprefix('sqlite:///')}")
-        return optuna.load_study(study_name=name, storage=open_storage(storage))
+        # Read only: the storage is named by a file of the sweep dir, so nothing is created there (no file, dir or
+        # table: a crafted one could name another program's database).
+        if "://" not in storage or storage.startswith("sqlite:///"):
+            file = Path(storage.removeprefix("sqlite:///")).expanduser()
+            if not file.is_file():
+                raise FileNotFoundError(f"no such file {file}")
+        if "://" not in storage:
+            opened = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(file)))
+        else:
+            opened = optuna.storages.RDBStorage(storage, skip_table_creation=True)
+        return optuna.load_study(study_name=name, storage=opened)
     except Exception as e:  # the report still has the jobs' own files
         log.warning(f"Optuna study {name!r} in {storage} not read: {type(e).__name__}: {e}")
         return None
@@ -363,9 +378,10 @@ def write_report(sweep_dir: str | Path) -> Path:
         lines += fold_lines(folds, sweep_dir)
     best_file = sweep_dir / "optimization_results.yaml"
     if best_file.is_file():
-        best = yaml.safe_load(best_file.read_text()) or {}
+        best = read_mapping(best_file)
         lines += ["", f"Optuna's best parameters (`{best_file.name}`), value {best.get('best_value')}:", ""]
-        lines += [f"- `{k}={v}`" for k, v in (best.get("best_params") or {}).items()]
+        params = best.get("best_params")
+        lines += [f"- `{k}={v}`" for k, v in (params if isinstance(params, dict) else {}).items()]
     if study is not None:
         counts = {}
         for trial in study.get_trials(deepcopy=False):

@@ -21,7 +21,6 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import LearningRateMonitor
@@ -214,26 +213,6 @@ def run(cfg: DictConfig, plan: runs.Plan | None = None) -> float | None:
     return metrics.get(cfg.get("optimized_metric"))
 
 
-def refuse_linked_output_dirs(args: list[str]) -> None:
-    """The run dir and the sweep dir this command line gives Hydra (composed as Hydra will, interpolations and all)
-    are refused, when they exist, if they are or hold links or special files: Hydra writes its log and `.hydra/` there
-    before any task code runs, so nothing may be written through a planted link, whatever the command line holds."""
-    overrides = [a for a in args if "=" in a and not a.startswith("-")]  # Hydra flags (-cd X, -m) are not overrides
-    try:  # a sweep's values (lr=1e-3,1e-4) do not compose; the dirs do not depend on them
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        fixed = [a for a, override in zip(overrides, parsed, strict=True) if not override.is_sweep_override()]
-        hydra_cfg = cli.compose_config(fixed, return_hydra_config=True).hydra
-    except (HydraException, OmegaConfBaseException, UserError):  # Hydra reports it, in its run
-        return
-    for key in ("run.dir", "sweep.dir"):
-        try:
-            value = OmegaConf.select(hydra_cfg, key, throw_on_resolution_failure=True)
-        except OmegaConfBaseException:  # e.g. ${hydra:job.name}: known only once Hydra runs; its dir is a new one
-            continue
-        if isinstance(value, str) and (Path(value).is_symlink() or Path(value).is_dir()):
-            runs.refuse_links(Path(value))
-
-
 def command_line_plan(args: list[str]) -> runs.Plan | None:
     """The resume plan of a single run typed as `key=value` overrides with a `ckpt_path`, made before Hydra picks
     (and writes into) a run dir; None for a sweep, a command line with Hydra flags (`--cfg`, `-cd`, ...) or
@@ -247,7 +226,11 @@ def command_line_plan(args: list[str]) -> runs.Plan | None:
     if cfg.hydra.mode == RunMode.MULTIRUN:
         return None
     typed_dir = any(a.split("=", 1)[0].lstrip("+") == "hydra.run.dir" for a in args)
-    return runs.plan_resume(cfg.ckpt_path, cfg.paths.log_dir, cfg.hydra.run.dir if typed_dir else None)
+    try:
+        here = cfg.hydra.run.dir if typed_dir else None
+    except OmegaConfBaseException:  # e.g. ${hydra:runtime.cwd}/new: known once Hydra runs; the task plans there
+        return None
+    return runs.plan_resume(cfg.ckpt_path, cfg.paths.log_dir, here)
 
 
 def main() -> None:
@@ -255,7 +238,6 @@ def main() -> None:
     `error:` line, exit status 2 (see digit_lightning.cli)."""
 
     def start() -> None:
-        refuse_linked_output_dirs(sys.argv[1:])
         plan = command_line_plan(sys.argv[1:])
         sys.argv += plan.hydra_overrides() if plan else []
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shlex
 import shutil
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +17,13 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from digit_lightning import CONFIG_DIR
 from digit_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
-from digit_lightning.cli import EXIT_USER_ERROR, compose_config, instantiate_group
+from digit_lightning.cli import EXIT_USER_ERROR, RunDirGuard, compose_config, instantiate_group
 from digit_lightning.errors import UserError
 from digit_lightning.export import ExportError, export
 from digit_lightning.models import ModelError, build_net
@@ -34,7 +38,7 @@ from digit_lightning.runs import (
     run_model,
 )
 from digit_lightning.sweep_report import write_report
-from digit_lightning.train import refuse_linked_output_dirs, train
+from digit_lightning.train import train
 
 TOUCH = "digit_lightning.data.mnist.Path.touch"  # reachable through a module attribute: the old allow-list's hole
 WRITE = "digit_lightning.data.mnist.Path.write_text"
@@ -566,36 +570,84 @@ TYPED_DIRS = {  # how a command line can name the dir Hydra writes into: (the ar
     ),  # fmt: skip
     "as a dict": (lambda run: [f"hydra.run={{dir:{run}}}"], ".hydra/overrides.yaml"),
     "output subdir": (lambda run: [f"hydra.run.dir={run}", "hydra.output_subdir=meta"], "meta/config.yaml"),
-    "sweep dir": (lambda run: ["-m", f"hydra.sweep.dir={run.parent}", "seed=1,2"], "planted/train.log"),
+    "sweep dir": (lambda run: ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={run.parent}"], "planted/train.log"),
     "nested sweep job": (
-        lambda run: ["-m", f"hydra.sweep.dir={run.parents[1]}", "hydra.sweep.subdir=runs/${hydra.job.num}"],
+        lambda run: [
+            "hydra.mode=MULTIRUN",
+            f"hydra.sweep.dir={run.parents[1]}",
+            "hydra.sweep.subdir=runs/${hydra.job.num}",
+        ],
         "runs/planted/train.log",
     ),  # fmt: skip
 }
 
 
+def guard(args: list[str]) -> None:
+    """What Hydra's run or multirun does first with the config it composed: RunDirGuard's check, its one `error:`
+    line (it exits: Hydra would turn an exception into a warning) raised here as the UserError it says."""
+    cfg = compose_config(args, return_hydra_config=True)
+    multirun = OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN
+    before = HydraConfig.instance().cfg  # the guard sets Hydra's config, as Hydra's run does: put it back
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            (RunDirGuard().on_multirun_start if multirun else RunDirGuard().on_run_start)(config=cfg)
+        except SystemExit as stop:
+            assert stop.code == EXIT_USER_ERROR
+            raise UserError(err.getvalue().strip().removeprefix("error: ")) from None
+        finally:
+            HydraConfig.instance().cfg = before
+
+
 @pytest.mark.parametrize("how", list(TYPED_DIRS))
-def test_the_dir_hydra_would_write_into_is_refused_before_hydra_when_it_holds_links(base_run, tmp_path: Path, how):
-    """The third attack review: Hydra writes train.log and .hydra/ (or its output subdir) into the run dir, and
-    multirun.yaml and the jobs' dirs into the sweep dir, before any task code runs. Whatever names that dir (typed,
-    interpolated, a dict, Hydra flags), it is composed as Hydra will and checked first, anywhere inside."""
+def test_the_dir_hydra_writes_into_is_refused_before_it_writes_when_it_holds_links(base_run, tmp_path: Path, how):
+    """The attack reviews: Hydra writes train.log and .hydra/ (or its output subdir) into the run dir, and
+    multirun.yaml and the jobs' dirs into the sweep dir, before any task code runs. A Hydra callback checks the dirs
+    of the config Hydra resolved, before it writes, however they were named (typed, interpolated, a dict, flags)."""
     run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
     args, link = TYPED_DIRS[how]
+    guard(args(run))  # no link yet: fine
     (run / link).parent.mkdir(parents=True, exist_ok=True)
     (run / link).unlink(missing_ok=True)
     (run / link).symlink_to(tmp_path / "victim.txt")
-    with pytest.raises(ResumeError, match=r" is a symbolic link; a run dir holding links"):
-        refuse_linked_output_dirs(["-cd", CONFIG_DIR, f"ckpt_path={run}", *args(run)])
-    refuse_linked_output_dirs(["-cd", CONFIG_DIR, f"hydra.run.dir={tmp_path / 'new'}", "-m", "seed=1,2"])  # fine
+    with pytest.raises(UserError, match=r" is a symbolic link; a run dir holding links"):
+        guard(args(run))
+    with pytest.raises(UserError, match=r"hydra.output_subdir=/.*: must be a dir inside the run dir"):
+        guard([f"hydra.run.dir={tmp_path / 'new'}", f"hydra.output_subdir={run / '.hydra'}"])
+    with pytest.raises(UserError, match=r"hydra.sweep.subdir=../x: must be a relative dir inside the sweep dir"):
+        guard(["hydra.mode=MULTIRUN", "hydra.sweep.subdir=../x"])
 
 
 def test_a_run_dir_that_is_itself_a_link_is_refused(base_run, tmp_path: Path):
     run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path / "elsewhere", lambda cfg, overrides: None)
     (tmp_path / "handed").symlink_to(run)
-    with pytest.raises(ResumeError, match=r"handed: it is a symbolic link; a run dir holding links"):
-        refuse_linked_output_dirs([f"hydra.run.dir={tmp_path / 'handed'}"])
+    with pytest.raises(UserError, match=r"handed: it is a symbolic link; a run dir holding links"):
+        guard([f"hydra.run.dir={tmp_path / 'handed'}"])
     with pytest.raises(ResumeError, match=r"handed: it is a symbolic link"):  # nor continued through the link
         plan_resume(str(tmp_path / "handed"), tmp_path)
+
+
+def test_the_report_of_a_crafted_sweep_dir_creates_nothing_and_reads_what_it_can(tmp_path: Path):
+    """The second attack review: a sweep dir's optimization_results.yaml named a storage the report opened for
+    writing (a journal file and its dir created elsewhere; Optuna's tables added to another program's SQLite
+    database), and a list or broken YAML in multirun.yaml was a traceback."""
+    sweep = tmp_path / "sweep"
+    (sweep / "0" / ".hydra").mkdir(parents=True)
+    (sweep / "0" / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(["seed=1"]))
+    (sweep / "0" / "metrics.json").write_text(json.dumps({"val/acc_best": 0.9}))
+    other = tmp_path / "other.db"
+    with contextlib.closing(sqlite3.connect(other)) as db:
+        db.execute("create table keep (x)")
+        db.commit()
+    before = other.read_bytes()
+    for storage in (str(tmp_path / "outside" / "new" / "created.log"), f"sqlite:///{other}"):
+        results = {"storage": storage, "study_name": "s", "best_params": [1]}
+        (sweep / "optimization_results.yaml").write_text(yaml.safe_dump(results))
+        assert "| 0 |" in write_report(sweep).read_text()
+        assert not (tmp_path / "outside").exists() and other.read_bytes() == before
+    for text in ("[1, 2]", "a: ["):
+        (sweep / "multirun.yaml").write_text(text)
+        (sweep / "optimization_results.yaml").write_text(text)
+        assert "val/acc_best" in write_report(sweep).read_text()
 
 
 def test_checkpoint_io_loads_only_what_was_handed_over(base_run, tmp_path: Path):
@@ -629,14 +681,22 @@ def test_the_printed_resume_command_resumes_from_a_dir_named_with_commas_and_spa
         assert compose_config([arg]).ckpt_path == str(ckpt)
 
 
-@pytest.mark.slow  # the CLI twins of test_a_run_dir_holding_links_is_refused and of its typed-dir test
-@pytest.mark.parametrize("flags", [False, True])
-def test_training_in_a_run_dir_with_a_linked_log_writes_nothing_through_it(base_run, run_cli, tmp_path: Path, flags):
+CLI_FORMS = {  # the CLI twins: a resume plan, Hydra flags (no plan), a dir only Hydra can resolve, a sweep
+    "plan": lambda run: [],
+    "flags": lambda run: ["-cd", CONFIG_DIR, f"hydra.run.dir={run}"],
+    "hydra resolver": lambda run: ["hydra.run.dir=${hydra:runtime.cwd}/logs/train/runs/planted"],
+    "sweep": lambda run: ["-m", f"hydra.sweep.dir={run.parent}", "hydra.sweep.subdir=planted", "seed=1"],
+}
+
+
+@pytest.mark.slow  # the CLI twins of test_a_run_dir_holding_links_is_refused and of the guard's test
+@pytest.mark.parametrize("form", list(CLI_FORMS))
+def test_training_in_a_run_dir_with_a_linked_log_writes_nothing_through_it(base_run, run_cli, tmp_path: Path, form):
     run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
     victim = tmp_path / "victim.txt"
     victim.write_text("keep\n")
     (run / "train.log").symlink_to(victim)
-    typed = ["-cd", CONFIG_DIR, f"hydra.run.dir={run}"] if flags else []  # Hydra flags: no resume plan
+    typed = CLI_FORMS[form](run)
     result = run_cli("digit_lightning.train", *typed, f"ckpt_path={run}", cwd=tmp_path)
     assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
     assert (
