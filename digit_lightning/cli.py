@@ -125,6 +125,7 @@ DISK_ERRNOS = {
     errno.EEXIST: "a file is where a directory must go; remove it or use another path",
     errno.ENOTDIR: "a file is where a directory must go; remove it or use another path",
     errno.ENAMETOOLONG: "use a shorter path",
+    errno.EISDIR: "a directory is where a file must go; remove it or use another path",
 }
 WHERE = "(training and eval: hydra.run.dir=... or paths.log_dir=...; export: output=...)"
 
@@ -192,8 +193,8 @@ class RunDirGuard(Callback):
             return  # Hydra cannot resolve it either, and reports it
         with exit_on_user_error():
             if subdir is not None:
-                inside = os.path.normpath(run_dir / str(subdir))
-                if os.path.isabs(str(subdir)) or not inside.startswith(os.path.normpath(run_dir) + os.sep):
+                inside = os.path.abspath(run_dir / str(subdir))
+                if os.path.isabs(str(subdir)) or not inside.startswith(os.path.abspath(run_dir) + os.sep):
                     raise UserError(f"hydra.output_subdir={subdir}: must be a dir inside the run dir (e.g. .hydra)")
             if run_dir.is_symlink() or run_dir.is_dir():
                 runs.refuse_links(run_dir, also=() if subdir is None else (str(subdir),))

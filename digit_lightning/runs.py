@@ -38,6 +38,7 @@ NOT_TAKEN = ("paths", "hydra", "ckpt_path")
 WRITES_TO = frozenset({"dirpath", "filename", "save_dir", "default_root_dir", "name", "version", "sub_dir", "storage",
                        "log_dir", "root_dir", "data_dir", "output_dir", "filepath", "path", "task_name"})  # fmt: skip
 RUN_SUBDIRS = (".hydra", "checkpoints", "tensorboard", "csv")  # what a run writes into, besides its top level
+RUN_FILES = ("train.log", "eval.log", "metrics.json")  # files a run writes at its top level
 REQUIRED_NODES = frozenset({"model", "model.net", "model.optimizer", "data", "trainer", "extras"})  # never null
 SAFETY = frozenset({"data.verify"})  # checks a run dir's config cannot turn off
 ADDS_ARGUMENTS = ("trainer", "model", "data")  # where a run dir's +key=value arguments are taken (not logger)
@@ -202,18 +203,24 @@ def _unsafe(path: Path) -> str | None:
 def has_links(run_dir: Path, also: tuple[str, ...] = (), whole: bool = False) -> list[tuple[Path, str]]:
     """What a run must not write through in its dir, with why: the dir itself as a symbolic link, links and special
     files at its top level (train.log, .lock, metrics.json, ...) and anywhere in what a run writes into (.hydra/,
-    checkpoints/, tensorboard/, csv/, and the subdirs in `also`), or anywhere at all (`whole`: a sweep dir, whose job
-    dirs may nest), and a file where a run writes a directory."""
+    checkpoints/, tensorboard/, csv/, and the subdirs in `also`, every dir on the way to them), or anywhere at all
+    (`whole`: a sweep dir, whose job dirs may nest; but not in the `wandb/` dirs W&B links itself), a file where a
+    run writes a directory, and a directory where it writes a file."""
     run_dir = Path(run_dir)
     found = [(run_dir, "a symbolic link")] if run_dir.is_symlink() else []
     entries = [] if whole or not run_dir.is_dir() else list(run_dir.iterdir())
     for sub in ("",) if whole else (*RUN_SUBDIRS, ".hydra/resume", *also):
         path = run_dir / sub
+        entries += [run_dir / Path(sub).parents[i] for i in range(len(Path(sub).parents) - 1)]  # the dirs on the way
         if sub and path.exists() and not path.is_dir():
             found.append((path, "not a directory"))
         for root, dirs, files in os.walk(path):  # links to dirs are listed, not followed
             entries += [Path(root, name) for name in dirs + files]
-    return found + [(p, why) for p in entries if (why := _unsafe(p))]
+            dirs[:] = [d for d in dirs if d != "wandb"]
+    found += [
+        (run_dir / name, "a directory where a run writes a file") for name in RUN_FILES if (run_dir / name).is_dir()
+    ]
+    return found + [(p, why) for p in dict.fromkeys(entries) if (why := _unsafe(p))]
 
 
 def refuse_links(run_dir: Path, also: tuple[str, ...] = (), whole: bool = False) -> None:

@@ -617,6 +617,30 @@ def test_the_dir_hydra_writes_into_is_refused_before_it_writes_when_it_holds_lin
         guard(["hydra.mode=MULTIRUN", "hydra.sweep.subdir=../x"])
 
 
+def test_the_guard_sees_links_on_the_way_and_dirs_for_files_but_not_its_own_tools_links(
+    base_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """The third attack review: an output subdir reached through a link inside the run dir was written through; a
+    directory where a run writes train.log was a traceback; `hydra.run.dir=.` and a second sweep into a sweep dir
+    whose jobs W&B had linked its own files in were refused."""
+    run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
+    (tmp_path / "outside").mkdir()
+    (run / "sub").mkdir()
+    (run / "sub" / "x").symlink_to(tmp_path / "outside")
+    with pytest.raises(UserError, match=r"sub/x is a symbolic link"):
+        guard([f"hydra.run.dir={run}", "hydra.output_subdir=sub/x/.hydra"])
+    (run / "sub" / "x").unlink()
+    (run / "train.log").mkdir()
+    with pytest.raises(UserError, match=r"train.log is a directory"):
+        guard([f"hydra.run.dir={run}"])
+    (run / "train.log").rmdir()
+    (run / "wandb" / "run-1").mkdir(parents=True)
+    (run / "wandb" / "latest-run").symlink_to(run / "wandb" / "run-1")  # W&B's own link
+    guard(["hydra.mode=MULTIRUN", f"hydra.sweep.dir={run.parent}"])
+    monkeypatch.chdir(tmp_path / "outside")
+    guard(["hydra.run.dir=."])
+
+
 def test_a_run_dir_that_is_itself_a_link_is_refused(base_run, tmp_path: Path):
     run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path / "elsewhere", lambda cfg, overrides: None)
     (tmp_path / "handed").symlink_to(run)
