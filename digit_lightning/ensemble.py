@@ -47,7 +47,8 @@ class ShiftTTA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Log of the mean probabilities over the shifted views (one batched call of the net)."""
         views = torch.cat([torch.roll(x, s, dims=[2, 3]) for s in self.shifts])
-        return mean_of_probs(list(self.net(views).chunk(len(self.shifts))))
+        # unflatten, not chunk: an exported graph keeps the batch axis dynamic (chunk fixed it to the example's)
+        return mean_of_probs(list(self.net(views).unflatten(0, (len(self.shifts), -1)).unbind(0)))
 
 
 class Ensemble(nn.Module):

@@ -13,6 +13,7 @@ import torch
 from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.cli import compose_config
 from digit_lightning.data import MNIST_MEAN, MNIST_STD, load_mnist
+from digit_lightning.ensemble import load_model
 from digit_lightning.export import export
 
 # Runs the exported file in a fresh interpreter where importing digit_lightning fails.
@@ -36,11 +37,13 @@ np.save(out, y)
 """
 
 
-@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_export_matches_pytorch_on_real_test_images(small_checkpoint, mnist_dir: Path, tmp_path: Path, fmt: str):
+@pytest.mark.parametrize(("fmt", "tta"), [("onnx", False), ("torchscript", False), ("onnx", True)])
+def test_export_matches_pytorch_on_real_test_images(small_checkpoint, mnist_dir: Path, tmp_path: Path, fmt, tta):
+    """tta=true: the third attack review found its ONNX graph fixed to the example's batch of 2."""
     path = small_checkpoint[0]
     output = tmp_path / f"digit.{fmt}"
-    cfg = compose_config([f"ckpt_path={path}", f"format={fmt}", f"output={output}"], config_name="export")
+    overrides = [f"ckpt_path={path}", f"format={fmt}", f"output={output}", f"tta={str(tta).lower()}"]
+    cfg = compose_config(overrides, config_name="export")
     assert export(cfg) == output and output.is_file()
 
     images = ((load_mnist(mnist_dir, train=False)[0][:200].float() / 255 - MNIST_MEAN) / MNIST_STD)[:, None]
@@ -51,7 +54,7 @@ def test_export_matches_pytorch_on_real_test_images(small_checkpoint, mnist_dir:
     exported = np.load(tmp_path / "y.npy")
 
     with torch.no_grad():
-        expected = load_checkpoint(path)(images).numpy()
+        expected = (load_model([path], tta=True) if tta else load_checkpoint(path))(images).numpy()
     assert exported.shape == expected.shape == (200, 10)  # batches of 1, 63 and 136: the batch axis is dynamic
     assert np.abs(exported - expected).max() <= 1e-4
     assert (exported.argmax(1) == expected.argmax(1)).all()
