@@ -567,7 +567,7 @@ TYPED_DIRS = {  # how a command line can name the dir Hydra writes into: (the ar
     "interpolated": (
         lambda run: [f"paths.log_dir={run.parents[2]}", "hydra.run.dir=${paths.log_dir}/train/runs/planted"],
         ".hydra/overrides.yaml",
-    ),  # fmt: skip
+    ),
     "as a dict": (lambda run: [f"hydra.run={{dir:{run}}}"], ".hydra/overrides.yaml"),
     "output subdir": (lambda run: [f"hydra.run.dir={run}", "hydra.output_subdir=meta"], "meta/config.yaml"),
     "sweep dir": (lambda run: ["hydra.mode=MULTIRUN", f"hydra.sweep.dir={run.parent}"], "planted/train.log"),
@@ -578,7 +578,7 @@ TYPED_DIRS = {  # how a command line can name the dir Hydra writes into: (the ar
             "hydra.sweep.subdir=runs/${hydra.job.num}",
         ],
         "runs/planted/train.log",
-    ),  # fmt: skip
+    ),
 }
 
 
