@@ -106,12 +106,8 @@ def validate_config(cfg: DictConfig, config_name: str = "train") -> None:
     if config_name == "train" and ckpt is not None and not isinstance(ckpt, str):
         raise ConfigError(f"ckpt_path={show(ckpt)}: a training resumes one run; pass one checkpoint (last, a run dir "
                           "or a .ckpt file); eval, predict and export take a list")  # fmt: skip
-    folds, fold = OmegaConf.select(cfg, "data.num_folds"), OmegaConf.select(cfg, "data.fold")
-    if folds is None and fold not in (None, 0):
-        raise ConfigError(f"data.fold={fold}: folds need data.num_folds (e.g. data.num_folds=10); without it the run "
-                          "validates on the fixed split of data.val_size images")  # fmt: skip
-    if folds is not None and fold is not None and fold >= folds:
-        raise ConfigError(f"data.fold={fold}: must be from 0 to {folds - 1} (data.num_folds={folds})")
+    if problem := schema.fold_problem(OmegaConf.select(cfg, "data.num_folds"), OmegaConf.select(cfg, "data.fold")):
+        raise ConfigError(problem)
 
 
 def type_error(error: BaseException) -> ConfigError | None:

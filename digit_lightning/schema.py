@@ -104,6 +104,17 @@ class Data:
     fold: int = setting("an integer >= 0 (below data.num_folds)", whole(0))
 
 
+def fold_problem(num_folds: int | None, fold: int | None) -> str | None:
+    """What is wrong with `data.fold` given `data.num_folds`, or None: the one rule across the two keys, asked by
+    config.validate_config before a run and by MNISTDataModule when built from Python."""
+    if num_folds is None and fold not in (None, 0):
+        return (f"data.fold={fold}: folds need data.num_folds (e.g. data.num_folds=10); without it the run "
+                "validates on the fixed split of data.val_size images")  # fmt: skip
+    if num_folds is not None and fold is not None and not 0 <= fold < num_folds:
+        return f"data.fold={fold}: must be from 0 to {num_folds - 1} (data.num_folds={num_folds})"
+    return None
+
+
 @dataclass
 class Model:
     """conf/model/*.yaml: DigitClassifier's arguments; the net, optimizer and scheduler are open (see below)."""

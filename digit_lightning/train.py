@@ -59,8 +59,8 @@ def set_cpu_threads(setting: int | str | None, processes: int) -> None:
 def train(cfg: DictConfig, plan: runs.Plan | None = None) -> dict[str, float]:
     """Fit (if `cfg.train`) and test (if `cfg.test`); return every logged metric as a float. `plan`: what fit resumes
     from (`runs.plan_resume`); by default, `cfg.ckpt_path` (or a SLURM requeue) resumed in `cfg.paths.output_dir`."""
-    validate_config(cfg)
-    if plan is None:
+    if plan is None:  # called from Python; `run` checked the config before it planned
+        validate_config(cfg)
         plan = runs.plan_resume(cfg.get("ckpt_path"), cfg.paths.log_dir, cfg.paths.output_dir)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True, verbose=False)

@@ -101,6 +101,14 @@ def test_hydra_composition_errors_become_one_line(override: str, line: str):
     assert message.startswith(line) and "\n" not in message, message
 
 
+def test_a_group_another_command_lacks_is_one_line():  # in-process twin of the CLI cases below
+    for command, override in (("predict", "logger=csv"), ("eval", "model=digit")):
+        with pytest.raises(Exception) as err:
+            compose_config(["ckpt_path=missing.ckpt", override], config_name=command)
+        group = override.split("=")[0]
+        assert one_line(err.value) == f"{group}: this command has no such config group; see --help for its groups"
+
+
 def test_omegaconf_errors_are_named_by_their_key_not_their_text():
     """OmegaConf's errors carry the key (`full_key`) and the reason (`msg`) as attributes: one line from those."""
     cfg = compose_config(["paths.output_dir=/tmp/x", "data.batch_size=???"])
@@ -176,7 +184,7 @@ SLOW = pytest.mark.slow
         pytest.param("eval", "nope=1", "nope: no such key", marks=SLOW),
         pytest.param("eval", "data.batch_size=0", "data.batch_size=0: must be an integer >= 1", marks=SLOW),
         pytest.param("eval", "model=digit", "model: this command has no such config group", marks=SLOW),
-        ("predict", "logger=csv", "logger: this command has no such config group"),
+        pytest.param("predict", "logger=csv", "logger: this command has no such config group", marks=SLOW),
         pytest.param("predict", "batch_size=0", "batch_size=0 must be a whole number >= 1", marks=SLOW),
         pytest.param("predict", "top_k=true", "top_k=True must be a whole number from 1 to 10", marks=SLOW),
         pytest.param("export", "opset=abc", "opset=abc must be a whole number >= 18", marks=SLOW),

@@ -10,6 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from digit_lightning.cli import compose_config
 from digit_lightning.config import ConfigError
+from digit_lightning.errors import UserError
 from digit_lightning.eval import evaluate
 
 
@@ -58,7 +59,14 @@ def test_eval_cli_prints_the_table_and_writes_json_in_its_run_dir(small_checkpoi
     assert "per-class metrics on 1024 test images" in result.stdout and "confusion matrix" in result.stdout
 
 
-def test_eval_without_a_checkpoint_says_what_to_pass(run_cli, tmp_path: Path):
+def test_eval_without_a_checkpoint_says_what_to_pass(tmp_path: Path):
+    with pytest.raises(UserError) as err:
+        evaluate(compose_config([f"paths.output_dir={tmp_path}"], config_name="eval"))
+    assert str(err.value) == "ckpt_path is not set; pass ckpt_path=last, a run dir or a .ckpt file"
+
+
+@pytest.mark.slow  # the CLI twin of the test above
+def test_eval_cli_without_a_checkpoint_says_what_to_pass(run_cli, tmp_path: Path):
     result = run_cli("digit_lightning.eval", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (

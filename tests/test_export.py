@@ -14,6 +14,7 @@ from digit_lightning.checkpoint import load_checkpoint
 from digit_lightning.cli import compose_config
 from digit_lightning.data import MNIST_MEAN, MNIST_STD, load_mnist
 from digit_lightning.ensemble import load_model
+from digit_lightning.errors import UserError
 from digit_lightning.export import export
 
 # Runs the exported file in a fresh interpreter where importing digit_lightning fails.
@@ -60,6 +61,12 @@ def test_export_matches_pytorch_on_real_test_images(small_checkpoint, mnist_dir:
     assert (exported.argmax(1) == expected.argmax(1)).all()
 
 
+def test_bad_format_is_refused_before_the_checkpoint_is_read(tmp_path: Path):
+    with pytest.raises(UserError, match=r"^format=tflite is not one of onnx, torchscript$"):
+        export(compose_config([f"ckpt_path={tmp_path / 'missing.ckpt'}", "format=tflite"], config_name="export"))
+
+
+@pytest.mark.slow  # the CLI twin of the test above
 def test_bad_format_is_a_one_line_error(small_checkpoint, run_cli, tmp_path: Path):
     result = run_cli("digit_lightning.export", f"ckpt_path={small_checkpoint[0]}", "format=tflite", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip() == "error: format=tflite is not one of onnx, torchscript"

@@ -53,6 +53,8 @@ def test_a_fold_outside_the_folds_is_one_line(mnist_dir: Path):
         validate_config(compose_config(["data.num_folds=1"]))
     with pytest.raises(DataError, match="data.fold=-1: must be from 0 to 4"):
         MNISTDataModule(data_dir=str(mnist_dir), num_folds=5, fold=-1)
+    with pytest.raises(DataError, match=r"^data\.fold=2: folds need data\.num_folds"):  # one rule for both
+        MNISTDataModule(data_dir=str(mnist_dir), fold=2)
     validate_config(compose_config(["data.num_folds=5", "data.fold=4"]))
 
 

@@ -33,6 +33,7 @@ EXPLODE = [
 ]
 
 
+@pytest.mark.slow  # the CLI's end to end: the guard itself is tested in-process below (fit, Poison)
 def test_exploding_lr_stops_with_one_line_and_keeps_the_last_good_checkpoint(run_cli, mnist_dir: Path, tmp_path):
     run = tmp_path / "run"
     result = run_cli("digit_lightning.train", *EXPLODE, f"hydra.run.dir={run}", cwd=tmp_path)

@@ -11,10 +11,10 @@ import torch
 from PIL import Image
 
 from digit_lightning.checkpoint import load_checkpoint
-from digit_lightning.cli import compose_config
+from digit_lightning.cli import EXIT_SOME_FAILED, compose_config
 from digit_lightning.data import MNIST_MEAN, MNIST_STD, load_mnist
 from digit_lightning.data.preprocess import PreprocessError, preprocess_image
-from digit_lightning.predict import UsageError, check_settings, predict_files, render
+from digit_lightning.predict import UsageError, check_settings, predict, predict_files, render
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 
@@ -98,7 +98,23 @@ def write_bad_files(folder: Path) -> dict[str, str]:
             "truncated.png": "cannot decode"}  # fmt: skip
 
 
-def test_bad_files_are_one_line_each_and_the_rest_is_predicted(small_checkpoint, run_cli, tmp_path: Path):
+def test_bad_files_are_one_line_each_and_the_rest_is_predicted(small_checkpoint, tmp_path, monkeypatch, capsys):
+    expected = write_bad_files(tmp_path / "scans")
+    monkeypatch.chdir(tmp_path)
+    inputs = f"inputs=[{EXAMPLES / 'seven.png'},scans/,missing.png]"
+    status = predict(compose_config([f"ckpt_path={small_checkpoint[0]}", inputs], config_name="predict"))
+    out, err = capsys.readouterr()
+    assert status == EXIT_SOME_FAILED
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(expected) + 1
+    for name, phrase in expected.items():
+        assert any(f"scans/{name}: " in line and phrase in line for line in errors), (name, errors)
+    assert any("missing.png: no such file" in line for line in errors)
+    assert "seven.png" in out and "5 of 6 inputs failed" in err
+
+
+@pytest.mark.slow  # the CLI twin of the test above: exit status, no traceback, nothing written
+def test_cli_bad_files_are_one_line_each_and_the_rest_is_predicted(small_checkpoint, run_cli, tmp_path: Path):
     expected = write_bad_files(tmp_path / "scans")
     result = run_cli(
         "digit_lightning.predict", f"ckpt_path={small_checkpoint[0]}",

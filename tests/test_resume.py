@@ -17,13 +17,14 @@ import torch
 import yaml
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
+from synthetic import SYNTHETIC_OVERRIDES
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digit_lightning import checkpoint
 from digit_lightning.checkpoint import AtomicCheckpointIO
 from digit_lightning.cli import EXIT_USER_ERROR, compose_config
 from digit_lightning.runs import Plan, ResumeError, find_checkpoint, lock_run_dir, plan_resume, resumed_config
-from digit_lightning.train import train
+from digit_lightning.train import command_line_plan, train
 
 # A small real slice: 30 batches of 64 per epoch, validated on 640 images.
 SLICE = ["trainer=cpu", "data.batch_size=64", "+trainer.limit_train_batches=30", "+trainer.limit_val_batches=10"]
@@ -103,6 +104,14 @@ def test_a_second_training_in_the_same_run_dir_is_refused_and_stale_temp_files_g
     lock_run_dir(tmp_path).release()
 
 
+def test_a_missing_checkpoint_is_named_before_hydra_makes_a_run_dir(tmp_path: Path):
+    with pytest.raises(ResumeError) as err:
+        command_line_plan(["ckpt_path=last", f"paths.log_dir={tmp_path}"])  # what the CLI asks before Hydra starts
+    assert str(err.value) == f"ckpt_path=last: no run under {tmp_path}/ has checkpoints/last.ckpt; train a run first"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow  # the CLI twin of the test above
 def test_cli_names_a_missing_checkpoint_in_one_line(run_cli, tmp_path: Path):
     result = run_cli("digit_lightning.train", "ckpt_path=last", f"paths.log_dir={tmp_path}", cwd=tmp_path, timeout=120)
     assert result.returncode == EXIT_USER_ERROR
@@ -130,8 +139,8 @@ def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path: Path, m
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temp file left behind
 
 
-def run_in(out: Path, *overrides: str) -> dict[str, float]:
-    return train(compose_config([f"paths.output_dir={out}", *SLICE, "test=false", *overrides]))
+def run_in(out: Path, *overrides: str, data: list[str] = SLICE) -> dict[str, float]:
+    return train(compose_config([f"paths.output_dir={out}", *data, "test=false", *overrides]))
 
 
 @pytest.mark.slow
@@ -226,21 +235,23 @@ def val_acc_events(run: Path) -> list[tuple[int, float]]:
     return [(e.step, e.value) for e in events.Scalars("val/acc")]
 
 
-def test_sigterm_mid_validation_resumes_into_that_validation(mnist_dir: Path, tmp_path: Path):
+def test_sigterm_mid_validation_resumes_into_that_validation(synthetic_dir: Path, tmp_path: Path):
     """SIGTERM in the middle of an epoch's validation: the resumed run runs that validation again, in full (Lightning
     counts a checkpoint saved between validation batches as validated and would skip it: no val/acc for that epoch),
     and then goes on exactly as an uninterrupted run, the EMA's average and raw weights the right way round."""
+    data = ["trainer=cpu", f"paths.data_dir={synthetic_dir}", *SYNTHETIC_OVERRIDES, "data.batch_size=64",
+            "data.eval_batch_size=64", "+trainer.limit_train_batches=8", "+trainer.limit_val_batches=3"]  # fmt: skip
     overrides = ["trainer.max_epochs=3", "callbacks=ema", "callbacks.progress_bar=null"]
-    straight = run_in(tmp_path / "straight", *overrides)
+    straight = run_in(tmp_path / "straight", *overrides, data=data)
 
     run = tmp_path / "run"
     with pytest.raises(SIGTERMException):
-        run_in(run, *overrides, "+callbacks.sigterm._target_=test_resume.SigtermMidValidation")
+        run_in(run, *overrides, "+callbacks.sigterm._target_=test_resume.SigtermMidValidation", data=data)
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert (saved["epoch"], saved["global_step"]) == (1, 60)  # epoch 1's training done, its validation cut off
-    resumed = run_in(run, *overrides, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}")
+    assert (saved["epoch"], saved["global_step"]) == (1, 16)  # epoch 1's training done, its validation cut off
+    resumed = run_in(run, *overrides, f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", data=data)
 
-    assert [step for step, _ in val_acc_events(run)] == [29, 59, 89]  # each epoch validated once
+    assert [step for step, _ in val_acc_events(run)] == [7, 15, 23]  # each epoch validated once
     assert val_acc_events(run) == val_acc_events(tmp_path / "straight")
     for key in ("val/acc", "val/loss", "val/acc_best"):  # (train/loss: a window of steps that the resume cut short)
         assert resumed[key] == straight[key], key

@@ -23,6 +23,7 @@ from digit_lightning.data.mnist import (
     load_mnist,
     prepare_mnist,
 )
+from digit_lightning.schema import fold_problem
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 AUGMENT_NONE = {"degrees": 0.0, "translate": 0.0, "scale": 0.0}  # `data.augment` keys; a key left out stays 0
@@ -118,8 +119,8 @@ class MNISTDataModule(L.LightningDataModule):
         if augment is not None and set(augment) - set(AUGMENT_NONE):
             unknown = ", ".join(sorted(set(augment) - set(AUGMENT_NONE)))
             raise DataError(f"data.augment: unknown key(s) {unknown}; the keys are {', '.join(AUGMENT_NONE)}")
-        if num_folds is not None and not 0 <= fold < num_folds:
-            raise DataError(f"data.fold={fold}: must be from 0 to {num_folds - 1} (data.num_folds={num_folds})")
+        if problem := fold_problem(num_folds, fold):
+            raise DataError(problem)
         self.augment = {**AUGMENT_NONE, **augment} if augment else None
         self.eval_batch_size = eval_batch_size or batch_size
         self.train_set: Dataset | None = None
