@@ -235,6 +235,31 @@ def test_keeps_the_first_mistakes_in_a_fixed_size_buffer():
     assert callback.confusion.compute()[0].tolist() == [9, 6] + [0] * 8
 
 
+def test_figures_leave_the_plotting_state_alone_in_process(tmp_path: Path):
+    """As below, in this process: the backend switched to svg stays svg, pyplot's figure list stays empty."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    from torch.utils.tensorboard import SummaryWriter
+
+    from digit_lightning.callbacks.dashboards import add_figure, confusion_figure, image_grid
+
+    before, figures_before = matplotlib.get_backend(), plt.get_fignums()
+    matplotlib.use("svg")
+    try:
+        writer = SummaryWriter(str(tmp_path))
+        logger = type("Logger", (), {"experiment": writer})()
+        figures = [confusion_figure(torch.eye(10, dtype=torch.long) * 5 + 1),
+                   image_grid(torch.zeros(4, 1, 28, 28), list("1234"), "t")]  # fmt: skip
+        assert plt.get_fignums() == figures_before  # not pyplot's: a notebook shows them only when asked
+        for tag, fig in zip(("cm", "grid"), figures, strict=True):
+            add_figure(logger, tag, fig, 0)
+        writer.close()
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+
+
+@pytest.mark.slow  # the fresh-interpreter twin of the test above (svg chosen before pyplot is first imported)
 def test_figures_leave_the_plotting_state_alone():
     """A notebook's backend (here svg) and pyplot's figure list are the same after the dashboards draw and log
     figures: library code uses matplotlib's Figure, never pyplot or matplotlib.use()."""

@@ -46,6 +46,7 @@ def test_eval_reports_what_training_reported(small_checkpoint, mnist_dir: Path, 
     assert f"| 3 | {result['per_class']['3']['precision']:.4f} |" in table
 
 
+@pytest.mark.slow  # the CLI twin of test_eval_reports_what_training_reported: eval.json in its Hydra run dir
 def test_eval_cli_prints_the_table_and_writes_json_in_its_run_dir(small_checkpoint, run_cli, tmp_path: Path):
     result = run_cli(
         "digit_lightning.eval", f"ckpt_path={small_checkpoint[0]}", "trainer=cpu", "+trainer.limit_test_batches=4",

@@ -119,13 +119,6 @@ def project(small_checkpoint, mnist_dir: Path, tmp_path_factory: pytest.TempPath
     Image.open(ROOT / "docs/examples/seven.png").convert("RGB").save(root / "my_digit.jpg")
 
     env = {**os.environ, "DIGIT_LIGHTNING_DATA": str(mnist_dir), "PYTHONUNBUFFERED": "1"}
-    sweep = subprocess.run(
-        [sys.executable, "-m", "digit_lightning.train", "-m", "model.optimizer.lr=1e-3,3e-4", "debug=fdr",
-         "callbacks.progress_bar=null", f"hydra.sweep.dir={SWEEP_DIR}"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert sweep.returncode == 0, sweep.stderr[-3000:]
-
     env["CKPT"] = f"{RUN_DIR}/checkpoints/last.ckpt"
     for line in ASSIGNMENTS:  # the README's own way of finding a checkpoint must find ours
         name = line.split("=", 1)[0]
@@ -133,6 +126,19 @@ def project(small_checkpoint, mnist_dir: Path, tmp_path_factory: pytest.TempPath
         assert value.stdout.strip(), f"`{line}` found nothing: {value.stderr}"
         env[name] = value.stdout.strip()
     return root, env
+
+
+@pytest.fixture(scope="module")
+def project_with_sweep(project: tuple[Path, dict]) -> tuple[Path, dict]:
+    """The project with the README's example sweep dir: a real two-job multirun (for the commands that name it)."""
+    root, env = project
+    sweep = subprocess.run(
+        [sys.executable, "-m", "digit_lightning.train", "-m", "model.optimizer.lr=1e-3,3e-4", "debug=fdr",
+         "callbacks.progress_bar=null", f"hydra.sweep.dir={SWEEP_DIR}"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    return project
 
 
 # What a documented training command gets appended, for each key it does not set itself: a real run in seconds.
@@ -199,16 +205,16 @@ def param(command: str, index: int):
 
 
 @pytest.mark.parametrize("command", [param(c, i) for i, c in enumerate(COMMANDS)])
-def test_readme_command(command: str, project: tuple[Path, dict]):
-    root, env = project
+def test_readme_command(command: str, request: pytest.FixtureRequest):
     how, args, reason = plan(command)
     if how == "skip":
         pytest.skip(f"{reason}: {command}")
     if how == "make":
         if shutil.which("make") is None:
             pytest.skip("make is not installed")
-        argv, cwd = ["make", "-n", *args], ROOT  # -n: print the recipe, run nothing
+        argv, cwd, env = ["make", "-n", *args], ROOT, None  # -n: print the recipe, run nothing
     else:
+        root, env = request.getfixturevalue("project_with_sweep" if SWEEP_DIR in command else "project")
         argv, cwd = [sys.executable, "-m", f"digit_lightning.{args[0]}", *(expand(a, env) for a in args[1:])], root
     result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, f"{how}: {' '.join(argv)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"

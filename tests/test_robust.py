@@ -354,10 +354,9 @@ CLI_CASES = {
 }  # fmt: skip
 
 
-@pytest.mark.parametrize(
-    "cases", [pytest.param(["train list"], id="fast"), pytest.param(list(CLI_CASES), id="all", marks=pytest.mark.slow)]
-)
-def test_cli_says_each_in_one_line(run_cli, tmp_path: Path, cases: list[str]):
+@pytest.mark.slow  # every case through the real CLI (`python -m` starts take seconds each)
+def test_cli_says_each_in_one_line(run_cli, tmp_path: Path):
+    cases = list(CLI_CASES)
     tiny_checkpoint(tmp_path / "digit.ckpt", {"name": "digit"})
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda name: run_cli(*CLI_CASES[name][0], cwd=tmp_path), cases))
