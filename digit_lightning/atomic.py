@@ -16,14 +16,26 @@ from typing import BinaryIO
 TMP_PREFIX = ".tmp-"  # leftovers of an interrupted write carry it; they are never valid data
 
 
-@contextmanager
-def atomic_open(path: Path) -> Iterator[BinaryIO]:
-    """Yield a binary file to write `path`'s new content to; it replaces `path` only if the block completes."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name, dir=path.parent)
+def temp_beside(path: Path, suffix: str = "") -> tuple[int, str]:
+    """A new temp file beside `path` (its open fd and name) with the permissions a plain open() would give it, not
+    mkstemp's 0600: renamed over `path`, it is a file others can read as they could before."""
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + path.name, suffix=suffix, dir=path.parent)
     try:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # the permissions a plain open() would give, not mkstemp's 0600
+        os.chmod(tmp, 0o666 & ~umask)
+    except BaseException:
+        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fd, tmp
+
+
+@contextmanager
+def atomic_open(path: Path) -> Iterator[BinaryIO]:
+    """Yield a binary file to write `path`'s new content to; it replaces `path` only if the block completes."""
+    fd, tmp = temp_beside(path)
+    try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()

@@ -14,7 +14,6 @@ cli.answer_help(__name__, "export")  # before torch and Lightning: help needs ne
 
 import io
 import os
-import tempfile
 import warnings
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -25,7 +24,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from digit_lightning.atomic import TMP_PREFIX
+from digit_lightning.atomic import temp_beside
 from digit_lightning.config import validate_config
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD
 from digit_lightning.ensemble import checkpoint_paths, load_model
@@ -136,7 +135,7 @@ def export(cfg: DictConfig) -> Path:
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         # A new file beside the output, renamed over it: a planted hard link is replaced, never written through.
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX + output.name, suffix=output.suffix, dir=output.parent)
+        fd, tmp = temp_beside(output, output.suffix)
         os.close(fd)
         if cfg.format == "onnx":
             export_onnx(net, Path(tmp), cfg.opset)

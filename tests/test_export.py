@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,9 @@ def test_export_matches_pytorch_on_real_test_images(small_checkpoint, mnist_dir:
     overrides = [f"ckpt_path={path}", f"format={fmt}", f"output={output}", f"tta={str(tta).lower()}"]
     cfg = compose_config(overrides, config_name="export")
     assert export(cfg) == output and output.is_file()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert output.stat().st_mode & 0o777 == 0o666 & ~umask  # what a plain open() gives, not the temp file's 0600
 
     images = ((load_mnist(mnist_dir, train=False)[0][:200].float() / 255 - MNIST_MEAN) / MNIST_STD)[:, None]
     np.save(tmp_path / "images.npy", images.numpy())
