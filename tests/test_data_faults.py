@@ -194,8 +194,8 @@ def test_read_only_data_dir_gives_one_line_error_but_a_verified_copy_still_works
 def test_full_disk_gives_one_line_error_and_leaves_no_file(tiny, monkeypatch: pytest.MonkeyPatch):
     real_mkstemp = tempfile.mkstemp
 
-    def mkstemp_on_full_disk(prefix: str, dir: Path) -> tuple[int, str]:
-        fd, name = real_mkstemp(prefix=prefix, dir=dir)
+    def mkstemp_on_full_disk(**kwargs) -> tuple[int, str]:  # noqa: ANN003
+        fd, name = real_mkstemp(**kwargs)
         full = os.open("/dev/full", os.O_WRONLY)  # every write to it fails with ENOSPC, as on a full disk
         os.dup2(full, fd)
         os.close(full)
