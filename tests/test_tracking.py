@@ -5,18 +5,29 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra
 import numpy as np
 import pytest
 import torch
+from composition import compose
+from synthetic import SYNTHETIC_OVERRIDES
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digit_lightning.tensorboard import METRICS, hparams
 from digit_lightning.train import train
 
-mlflow = pytest.importorskip("mlflow", reason="the `tracking` extra is not installed")
-MlflowClient = mlflow.MlflowClient
+if TYPE_CHECKING:
+    import mlflow
+    from mlflow import MlflowClient
+
+
+def mlflow_client(uri: str) -> MlflowClient:
+    """MLflow's client of the store at `uri` (MLflow imported here, not at collection: it takes 1.5 s)."""
+    mlflow = pytest.importorskip("mlflow", reason="the `tracking` extra is not installed")
+    return mlflow.MlflowClient(uri)
+
 
 # 2 epochs of 12 steps, a point every 4 steps; 3 test batches of 32
 TINY = ["data.batch_size=32", "+trainer.limit_train_batches=12", "+trainer.limit_val_batches=3",
@@ -44,11 +55,22 @@ def artifacts(client: MlflowClient, run_id: str, path: str = "") -> list[str]:
     return found
 
 
-def test_mlflow_run_reads_back_with_curves_params_artifacts_and_a_model(synthetic_cfg, tmp_path: Path):
-    cfg = synthetic_cfg(*TINY, "logger=mlflow", *mlflow_store(tmp_path), "logger.mlflow.register_as=digits")
+@pytest.fixture(scope="module")
+def many_run(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    """One run with `logger=many` (TensorBoard and MLflow) into a SQLite MLflow store, read back by the tests below:
+    its config, metrics, MLflow client and run, and its dir."""
+    pytest.importorskip("mlflow", reason="the `tracking` extra is not installed")
+    tmp_path = tmp_path_factory.mktemp("many")
+    cfg = compose([f"paths.output_dir={tmp_path}", f"paths.data_dir={synthetic_dir}", "trainer=cpu",
+                   *SYNTHETIC_OVERRIDES, *TINY, "logger=many", *mlflow_store(tmp_path),
+                   "logger.mlflow.register_as=digits"])  # fmt: skip
     metrics = train(cfg)
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run = only_run(client)
+    client = mlflow_client(f"sqlite:///{tmp_path}/mlflow.db")
+    return cfg, metrics, client, only_run(client), tmp_path
+
+
+def test_mlflow_run_reads_back_with_curves_params_artifacts_and_a_model(many_run):
+    cfg, metrics, client, run, tmp_path = many_run
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
     assert run.data.params == {k: str(v) for k, v in hparams(cfg, choices={}).items()}  # curated, as in HParams
 
@@ -74,6 +96,8 @@ def test_mlflow_run_reads_back_with_curves_params_artifacts_and_a_model(syntheti
 
     # The logged model predicts digits of the test images, as accurately as the best checkpoint tested.
     model_uri = run.data.tags["model_uri"]
+    import mlflow.pyfunc
+
     model = mlflow.pyfunc.load_model(model_uri)
     assert model.metadata.get_input_schema().inputs[0].shape == (-1, 1, 28, 28)
     data = hydra.utils.instantiate(cfg.data)  # the 3 test batches the run was tested on
@@ -94,17 +118,15 @@ def scalar_tags(run_dir: Path) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
-def test_many_logs_to_tensorboard_and_mlflow_under_the_same_names(synthetic_cfg, tmp_path: Path):
-    train(synthetic_cfg(*TINY, "logger=many", *mlflow_store(tmp_path), "trainer.max_epochs=1"))
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    run = only_run(client)
+def test_many_logs_to_tensorboard_and_mlflow_under_the_same_names(many_run):
+    _, _, client, run, tmp_path = many_run
     tensorboard = scalar_tags(tmp_path / "tensorboard")
     # The same names, but a run's one-off values: MLflow keeps test/*, TensorBoard the HParams columns (whole_run/)
     assert set(run.data.metrics) - {"test/acc", "test/loss"} == tensorboard - set(METRICS.values())
     assert {"train/lr", "val/acc", "test/acc"} <= set(run.data.metrics) and set(METRICS.values()) <= tensorboard
     for key in ("train/loss", "val/acc"):  # the same points in both
         points = [m.step for m in client.get_metric_history(run.info.run_id, key)]
-        assert points == (TRAIN_STEPS[:3] if key == "train/loss" else VAL_STEPS[:1])
+        assert points == (TRAIN_STEPS if key == "train/loss" else VAL_STEPS)
 
 
 def wandb_file_records(path: Path) -> list[bytes]:
@@ -172,6 +194,7 @@ def test_a_sweep_is_one_experiment_and_one_group_with_jobs_named_as_in_tensorboa
     """`-m` with 2 learning rates and TensorBoard, MLflow and W&B at once: one MLflow experiment and one W&B group for
     the sweep, each job a run named as its TensorBoard run, with its config among the MLflow artifacts."""
     pytest.importorskip("wandb", reason="the `tracking` extra is not installed")
+    pytest.importorskip("mlflow", reason="the `tracking` extra is not installed")
     sweep = tmp_path / "logs/train/multiruns/sweep"
     result = run_cli(
         "digit_lightning.train", "-m", "logger=[many,wandb]", "model.optimizer.lr=1e-3,3e-3", *TINY,
@@ -182,7 +205,7 @@ def test_a_sweep_is_one_experiment_and_one_group_with_jobs_named_as_in_tensorboa
     tensorboard = [p.name for job in ("0", "1") for p in (sweep / job / "tensorboard").iterdir()]
     assert sorted(tensorboard) == sorted(names)  # TensorBoard's run of each job: <job dir>/tensorboard/<name>/
 
-    client = MlflowClient(f"sqlite:///{tmp_path}/logs/mlflow/mlflow.db")
+    client = mlflow_client(f"sqlite:///{tmp_path}/logs/mlflow/mlflow.db")
     experiment = client.get_experiment_by_name("train/sweep")
     runs = client.search_runs([experiment.experiment_id])
     assert {run.info.run_name for run in runs} == names

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from composition import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import OmegaConf
@@ -117,7 +118,7 @@ def planted_run(small_checkpoint: Path, root: Path, edit) -> Path:
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(small_checkpoint, run / "checkpoints" / "last.ckpt")
     (run / ".hydra").mkdir()
-    cfg = OmegaConf.to_container(compose_config(["paths.output_dir=${hydra:runtime.output_dir}", "trainer=cpu"]))
+    cfg = OmegaConf.to_container(compose(["paths.output_dir=${hydra:runtime.output_dir}", "trainer=cpu"]))
     overrides: list[str] = []
     edit(cfg, overrides)
     (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -337,7 +338,7 @@ def resume_planted(base_run: Path, tmp_path: Path, edit, *typed: str):
     config a resume from it runs with."""
     run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, edit)
     typed = (f"ckpt_path={run}", "trainer=cpu", *RESUME, *typed)
-    cfg = compose_config([*typed, f"paths.data_dir={DATA}", f"paths.output_dir={tmp_path / 'new'}"])
+    cfg = compose([*typed, f"paths.data_dir={DATA}", f"paths.output_dir={tmp_path / 'new'}"])
     return run, resumed_config(cfg, run, list(typed))
 
 
@@ -439,7 +440,7 @@ def test_net_arguments_from_a_run_dir_are_bounded(base_run, tmp_path: Path):
     run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, edit)
     (run / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"runtime": {"choices": {"model": "fast"}}}}))
     typed = [f"ckpt_path={run}"]
-    cfg = resumed_config(compose_config([*typed, f"paths.data_dir={DATA}"]), run, typed)
+    cfg = resumed_config(compose([*typed, f"paths.data_dir={DATA}"]), run, typed)
     assert cfg.model.net.hidden == 10**13  # a plain value: taken, then bounded where the net is built
     with pytest.raises(ModelError, match=r"model.net.hidden=10000000000000: out of range"):
         build_net(**cfg.model.net)
