@@ -98,16 +98,25 @@ def test_model_trains_loads_exports_and_predicts(trained, test_images, tmp_path:
     images, labels = test_images
     with torch.no_grad():
         expected = model(images).numpy()
-    for fmt, write in (("torchscript", export_torchscript), ("onnx", export_onnx)):
-        path = tmp_path / f"{option}.{fmt}"
-        write(model.net.eval(), path)
-        got = run_exported(path, fmt, images)
-        assert np.abs(got - expected).max() <= 1e-4, fmt
+    path = tmp_path / f"{option}.torchscript"
+    export_torchscript(model.net.eval(), path)
+    assert np.abs(run_exported(path, "torchscript", images) - expected).max() <= 1e-4
 
     top = predict_tensors(model, images, top_k=2)
     assert [t[0][0] for t in top] == expected.argmax(1).tolist()
     top2 = np.sort(np.exp(expected), axis=1)[:, ::-1][:, :2]
     assert np.allclose([[p for _, p in t] for t in top], top2, atol=1e-6)
+
+
+@pytest.mark.slow  # torch's ONNX exporter takes seconds a model; test_export.py exports the default one fast
+@pytest.mark.parametrize("option", sorted(MODEL_CONFIGS))
+def test_model_exports_to_onnx(trained, test_images, tmp_path: Path, option: str):
+    model = load_checkpoint(trained[option][0])
+    images, _ = test_images
+    with torch.no_grad():
+        expected = model(images).numpy()
+    export_onnx(model.net.eval(), tmp_path / f"{option}.onnx")
+    assert np.abs(run_exported(tmp_path / f"{option}.onnx", "onnx", images) - expected).max() <= 1e-4
 
 
 def test_ensemble_probabilities_are_the_mean_of_its_members(trained, test_images, tmp_path: Path):
@@ -121,9 +130,10 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(trained, test_images
     assert torch.allclose(got, members.mean(dim=0), atol=1e-6)
     assert torch.allclose(got.sum(dim=1), torch.ones(len(images)), atol=1e-5)
 
-    for fmt, write in (("torchscript", export_torchscript), ("onnx", export_onnx)):  # one file for the ensemble
-        write(ensemble.net, tmp_path / f"ensemble.{fmt}")
-        assert np.abs(run_exported(tmp_path / f"ensemble.{fmt}", fmt, images) - got.log().numpy()).max() <= 1e-4
+    export_torchscript(ensemble.net, tmp_path / "ensemble.torchscript")  # one file for the ensemble (ONNX: below)
+    assert (
+        np.abs(run_exported(tmp_path / "ensemble.torchscript", "torchscript", images) - got.log().numpy()).max() <= 1e-4
+    )
 
     tta = load_model(paths[:1], tta=True)
     assert isinstance(tta.net, ShiftTTA)
@@ -133,6 +143,16 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(trained, test_images
             single(torch.roll(images, shift, dims=(2, 3))).exp() for shift in ((0, 0), (1, 0), (-1, 0), (0, 1), (0, -1))
         ]
         assert torch.allclose(tta(images).exp(), torch.stack(views).mean(dim=0), atol=1e-6)
+
+
+@pytest.mark.slow  # torch's ONNX exporter: seconds (the TorchScript file is checked above)
+def test_an_ensemble_exports_to_one_onnx_file(trained, test_images, tmp_path: Path):
+    ensemble = load_model([trained[name][0] for name in ("digit", "lenet5", "fast")])
+    images, _ = test_images
+    with torch.no_grad():
+        expected = ensemble(images).numpy()
+    export_onnx(ensemble.net, tmp_path / "ensemble.onnx")
+    assert np.abs(run_exported(tmp_path / "ensemble.onnx", "onnx", images) - expected).max() <= 1e-4
 
 
 @pytest.mark.slow  # the CLI twin of an in-process test above
