@@ -6,35 +6,30 @@ Under torchrun (and srun with several tasks) each rank is a process of its own t
   elsewhere it is now, like Hydra's `${now:...}`.
 - `${rank_zero_only:X}`: X on the global rank 0, null on the others (`hydra.output_subdir`: one `.hydra/`).
 Registered when `digit_lightning.cli` is imported, which every entry point does before Hydra starts. They read no
-file but /proc's start times: where a resumed training runs is decided before Hydra starts (runs.plan_resume).
+file (psutil gives the agent's start time): where a resumed training runs is decided before Hydra starts
+(runs.plan_resume).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 from datetime import datetime
 
+import psutil
 from omegaconf import OmegaConf
 
 from digit_lightning.rank import global_rank
 
 
-def process_start(pid: int) -> datetime | None:
-    """When process `pid` started (Linux /proc), or None where that cannot be read."""
-    try:
-        with open("/proc/stat") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
-        with open(f"/proc/{pid}/stat") as f:
-            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime, counted after the comm field
-    except (OSError, StopIteration, IndexError, ValueError):
-        return None
-    return datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
-
-
 def launch_time(pattern: str) -> str:
     """`pattern` (strftime) of the torchrun agent's start under torchrun, else of now."""
-    started = process_start(os.getppid()) if "TORCHELASTIC_RUN_ID" in os.environ else None
-    return (started or datetime.now()).strftime(pattern)
+    started = time.time()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # every torchrun sets it; the agent is each rank's parent
+        with contextlib.suppress(psutil.Error):
+            started = psutil.Process(os.getppid()).create_time()
+    return datetime.fromtimestamp(started).strftime(pattern)
 
 
 def rank_zero_only(value: object) -> object:
