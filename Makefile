@@ -24,12 +24,8 @@ data: install
 train: data  ## the tutorial's settings: Digit CNN, Adam, batch 16, 10 epochs
 	$(PY) -m digit_lightning.train $(ARGS)
 
-# The fast suite's tmp dirs in RAM when /dev/shm has 8 GB free: it writes ~2.5 GB there, mostly 12 MB checkpoints,
-# and a disk write is its slowest step (`make test` 1.2x faster on a 2-core AMD EPYC); else the usual temp dir.
-SHM_TMP := $(shell [ "$$(df --output=avail -BG /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)" -ge 8 ] 2>/dev/null && echo TMPDIR=/dev/shm)
-
 test: install data  ## the fast suite: in-process on synthetic digits, a few real-MNIST and CLI runs (minutes on 2 cores)
-	$(SHM_TMP) $(PY) -m pytest -m "not slow" -n auto --dist loadfile $(ARGS)
+	$(PY) -m pytest -m "not slow" -n auto --dist loadfile $(ARGS)
 
 test-full: install data  ## everything, as CI runs it (slow tests included; SLURM tests need `make slurm-up`)
 	$(PY) -m pytest $(ARGS)
