@@ -130,10 +130,9 @@ def test_ensemble_probabilities_are_the_mean_of_its_members(trained, test_images
     assert torch.allclose(got, members.mean(dim=0), atol=1e-6)
     assert torch.allclose(got.sum(dim=1), torch.ones(len(images)), atol=1e-5)
 
-    export_torchscript(ensemble.net, tmp_path / "ensemble.torchscript")  # one file for the ensemble (ONNX: below)
-    assert (
-        np.abs(run_exported(tmp_path / "ensemble.torchscript", "torchscript", images) - got.log().numpy()).max() <= 1e-4
-    )
+    path = tmp_path / "ensemble.torchscript"
+    export_torchscript(ensemble.net, path)  # one file for the ensemble (its ONNX file: below)
+    assert np.abs(run_exported(path, "torchscript", images) - got.log().numpy()).max() <= 1e-4
 
     tta = load_model(paths[:1], tta=True)
     assert isinstance(tta.net, ShiftTTA)
