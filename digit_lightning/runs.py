@@ -211,7 +211,7 @@ def has_links(run_dir: Path, also: tuple[str, ...] = (), whole: bool = False) ->
     entries = [] if whole or not run_dir.is_dir() else list(run_dir.iterdir())
     for sub in ("",) if whole else (*RUN_SUBDIRS, ".hydra/resume", *also):
         path = run_dir / sub
-        entries += [run_dir / dir for dir in Path(sub).parents[:-1]]  # the dirs on the way (all but ".")
+        entries += [run_dir / parent for parent in Path(sub).parents[:-1]]  # the dirs on the way (all but ".")
         if sub and path.exists() and not path.is_dir():
             found.append((path, "not a directory"))
         for root, dirs, files in os.walk(path):  # links to dirs are listed, not followed
