@@ -163,6 +163,7 @@ def helps(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, dict], Pa
     return {" ".join(r["command"]): r for r in results}, cwd
 
 
+@pytest.mark.slow  # the fresh-interpreter probe: Hydra's --help alone takes ~1 s an app
 def test_help_answers_before_importing_torch_or_lightning(helps):
     """`--help` is text: it must not wait seconds for torch and Lightning to import, nor write anything."""
     answers, cwd = helps
@@ -173,6 +174,7 @@ def test_help_answers_before_importing_torch_or_lightning(helps):
     assert list(cwd.iterdir()) == []
 
 
+@pytest.mark.slow  # the fresh-interpreter probe: Hydra's --help alone takes ~1 s an app
 @pytest.mark.parametrize("module", HYDRA_APPS)
 def test_hydra_entry_points_describe_themselves(module: str, helps):
     """`--help` says what the command does, shows only its own groups and one example."""
@@ -182,6 +184,7 @@ def test_hydra_entry_points_describe_themselves(module: str, helps):
     assert ("hparams_search" in text) == (module == "train")  # training's groups only where they apply
 
 
+@pytest.mark.slow  # the fresh-interpreter probe: Hydra's --help alone takes ~1 s an app
 @pytest.mark.parametrize("module", ["data", "sweep_report"])
 def test_help_prints_usage(module: str, helps):
     """`--help` on the argparse-free entry points is usage, not a data dir or a multirun dir to work on (the probe's

@@ -14,6 +14,7 @@ import pytest
 import torch
 from composition import compose
 from omegaconf import OmegaConf
+from synthetic import SYNTHETIC_OVERRIDES
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digit_lightning.cli import compose_config
@@ -26,8 +27,16 @@ FLAT = ["trainer=cpu", "data.batch_size=64", "+trainer.limit_train_batches=3", "
         "test=false"]  # fmt: skip
 
 
-def run_in(out: Path, *overrides: str) -> dict[str, float]:
-    return train(compose([f"paths.output_dir={out}", *FLAT, *overrides]))
+@pytest.fixture
+def run_in(synthetic_dir: Path):
+    """`run_in(out, *overrides)`: FLAT's in-process training into `out`, on the synthetic digits (what is checked
+    is which state each checkpoint holds, not what the model learned: one validation batch of 200 images)."""
+
+    def run(out: Path, *overrides: str) -> dict[str, float]:
+        data = [f"paths.data_dir={synthetic_dir}", *SYNTHETIC_OVERRIDES]
+        return train(compose([f"paths.output_dir={out}", *data, *FLAT, *overrides]))
+
+    return run
 
 
 def saved_at(ckpt: Path) -> tuple[int, int]:
@@ -44,7 +53,7 @@ def scalar_steps(run: Path, tag: str) -> list[int]:
 
 
 def test_last_ckpt_is_the_final_epoch_when_val_acc_never_improves(
-    mnist_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    run_in, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ):
     with caplog.at_level(logging.INFO, logger="digit_lightning.train"):
         run_in(tmp_path, "trainer.max_epochs=3", "test=true", "+trainer.limit_test_batches=1")
@@ -60,7 +69,7 @@ def test_last_ckpt_is_the_final_epoch_when_val_acc_never_improves(
 
 
 def test_extending_a_finished_run_starts_from_its_final_step(
-    mnist_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
+    run_in, tmp_path: Path, caplog: pytest.LogCaptureFixture, recwarn: pytest.WarningsRecorder
 ):
     run_in(tmp_path, "trainer.max_epochs=2")
     run_in(tmp_path, f"ckpt_path={tmp_path}", "trainer.max_epochs=3")  # as the docs' command, in-process

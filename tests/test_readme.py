@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from digit_lightning.cli import compose_config
+from digit_lightning.predict import predict
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -67,8 +68,8 @@ def unique(commands: list[str]) -> list[str]:
 
 ALL_LINES = bash_lines() + [line for text in DOCS.values() for line in bash_lines(text=text)]
 COMMANDS = unique([c for c in ALL_LINES if ENTRY.match(c) or c.startswith(("make ", "torchrun ", "sbatch "))])
-# What a newcomer types first is checked in the fast suite; the docs' commands (~5 s each, and their features have
-# tests of their own) only with `-m slow`.
+# Each command runs as its own `python -m` (seconds of imports), so only with `-m slow`; the fast suite dry-runs the
+# make lines and runs what a newcomer types first in process (test_quick_start_predicts_in_process).
 FIRST_STEPS = set(bash_lines(("Quick start",)))
 ASSIGNMENTS = [c for c in bash_lines() if re.match(r"^[A-Z_]+=\$\(", c)]  # e.g. CKPT=$(ls -t ...)
 
@@ -199,8 +200,8 @@ def plan(command: str) -> tuple[str, list[str] | None, str]:
 
 
 def param(command: str, index: int):
-    """The command as a test case, marked slow when it is only a `--cfg job` check outside the first steps."""
-    slow = plan(command)[0] != "make" and command not in FIRST_STEPS
+    """The command as a test case, marked slow unless it is a `make -n` dry run."""
+    slow = plan(command)[0] != "make"
     return pytest.param(command, id=f"{index:02d}", marks=[pytest.mark.slow] if slow else [])
 
 
@@ -220,6 +221,21 @@ def test_readme_command(command: str, request: pytest.FixtureRequest):
     assert result.returncode == 0, f"{how}: {' '.join(argv)}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
     if how == "cfg":
         assert "_target_" in result.stdout or "ckpt_path" in result.stdout, result.stdout[-2000:]
+
+
+def test_quick_start_predicts_in_process(project, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture):
+    """The Quick start's `predict` lines (after `make train`), each in this process as its CLI runs it: the same
+    composed config, the same `predict()`; test_readme_command runs them as commands with `-m slow`."""
+    root, _ = project
+    commands = [c for c in FIRST_STEPS if ENTRY.match(c)]
+    assert commands and all(ENTRY.match(c).group(1) == "predict" for c in commands), commands  # else: a twin here
+    monkeypatch.chdir(root)  # ckpt_path=last and the inputs are relative to where the user types them
+    for command in commands:
+        args = shlex.split(command, comments=True)[3:]
+        assert predict(compose_config(args, config_name="predict")) == 0, capsys.readouterr().err
+        out = capsys.readouterr().out
+        names = [Path(i).name for a in args if a.startswith("inputs=") for i in a[8:-1].split(",")]
+        assert names and all(name in out for name in names), out
 
 
 def test_every_documented_command_is_checked_or_skipped_with_a_reason():

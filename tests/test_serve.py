@@ -1,4 +1,5 @@
-"""`python -m digit_lightning.serve`: a real server process on 127.0.0.1, a real checkpoint, real test-set images."""
+"""`python -m digit_lightning.serve`: its app on a real checkpoint and real test-set images, in process (Starlette's
+TestClient) for the fast tests; a real server process on 127.0.0.1 for the browser, two workers and the load test."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from PIL import Image
 from digit_lightning.cli import compose_config
 from digit_lightning.data.mnist import MNIST_MEAN, MNIST_STD, load_mnist
 from digit_lightning.data.preprocess import preprocess_image
-from digit_lightning.ensemble import load_model
+from digit_lightning.ensemble import checkpoint_paths, load_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,6 +64,31 @@ class Server:
         self.process.wait(timeout=60)
 
 
+class InProcess(Server):
+    """The app a server process runs (`serve_worker`'s model and `create_app`), answered in this process through
+    Starlette's TestClient: the same requests and answers as `Server`'s, without a process start (seconds)."""
+
+    def __init__(self, *overrides: str) -> None:  # noqa: D107  (not Server's: no process)
+        from fastapi.testclient import TestClient
+
+        from digit_lightning.serve import check_settings, create_app, describe
+
+        cfg = compose_config(list(overrides), config_name="serve")
+        settings = check_settings(cfg)
+        paths = checkpoint_paths(cfg.ckpt_path, cfg.log_dir)
+        app = create_app(load_model(paths, tta=settings["tta"]), describe(paths, settings["tta"]), settings)
+        self.client = TestClient(app)
+        self.client.__enter__()  # runs the app's lifespan: its batcher
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict | str]:
+        response = self.client.request(method, path, content=body, headers=headers or {})
+        is_json = response.headers.get("content-type", "").startswith("application/json")
+        return response.status_code, response.json() if is_json else response.text
+
+    def stop(self) -> None:
+        self.client.__exit__(None, None, None)
+
+
 def png(image: Image.Image) -> bytes:
     """An image as PNG bytes."""
     out = io.BytesIO()
@@ -85,8 +111,16 @@ def multipart(field: str, data: bytes, filename: str = "digit.png") -> tuple[byt
 
 
 @pytest.fixture(scope="module")
-def server(small_checkpoint, tmp_path_factory) -> Iterator[Server]:
-    """One server for the module's tests, on the small checkpoint."""
+def server(small_checkpoint) -> Iterator[Server]:
+    """The app on the small checkpoint, in process, for the module's fast tests."""
+    running = InProcess(f"ckpt_path={small_checkpoint[0]}")
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def real_server(small_checkpoint, tmp_path_factory) -> Iterator[Server]:
+    """A `python -m digit_lightning.serve` process on the small checkpoint, for the slow tests."""
     running = Server(f"ckpt_path={small_checkpoint[0]}", cwd=tmp_path_factory.mktemp("serve"))
     yield running
     running.stop()
@@ -99,9 +133,13 @@ def test_images(mnist_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return images[:300], labels[:300]
 
 
-def test_test_images_as_arrays_score_what_eval_scores(server, small_checkpoint, test_images, mnist_dir, tmp_path):
+@pytest.mark.parametrize("where", ["server", pytest.param("real_server", marks=pytest.mark.slow)])
+def test_test_images_as_arrays_score_what_eval_scores(
+    where, request, small_checkpoint, test_images, mnist_dir, tmp_path
+):
     from digit_lightning.eval import evaluate
 
+    server = request.getfixturevalue(where)
     images, labels = test_images
     with ThreadPoolExecutor(8) as pool:  # concurrent clients: the answers come from shared batches
         answers = list(pool.map(lambda a: server.post(json.dumps(a.tolist()).encode(), "application/json"), images))
@@ -255,7 +293,7 @@ def screenshot_script():
 
 
 @pytest.mark.slow
-def test_digits_drawn_with_the_mouse_in_chromium_are_recognized(server, tmp_path):
+def test_digits_drawn_with_the_mouse_in_chromium_are_recognized(real_server, tmp_path):
     script = screenshot_script()
     if not Path(script.CHROMIUM).exists():
         pytest.skip(f"{script.CHROMIUM} is missing; `make chromium` installs Debian's chromium")
@@ -264,7 +302,7 @@ def test_digits_drawn_with_the_mouse_in_chromium_are_recognized(server, tmp_path
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=script.CHROMIUM)
         page = browser.new_page(viewport={"width": 980, "height": 470})
-        page.goto(f"http://127.0.0.1:{server.port}/")
+        page.goto(f"http://127.0.0.1:{real_server.port}/")
         said = {digit: script.draw(page, digit) for digit in ("0", "1", "3", "4", "7")}
         bars = page.locator("#bars .prob").all_text_contents()
         seen = page.evaluate("Array.from(document.getElementById('seen').getContext('2d')"

@@ -53,6 +53,7 @@ def test_small_slice_learns_and_logs_to_tensorboard(synthetic_cfg, tmp_path: Pat
     assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint["state_dict"].items())
 
 
+@pytest.mark.slow  # the CLI twin of the two in-process tests above (a `python -m` start costs seconds of imports)
 def test_cli_trains_and_prints_test_metrics(run_cli, tmp_path: Path):
     result = run_cli("digit_lightning.train", "debug=fdr", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -63,7 +64,7 @@ def test_cli_trains_and_prints_test_metrics(run_cli, tmp_path: Path):
     assert "`Trainer.fit` stopped: `max_steps=1` reached." in (tmp_path / "run" / "train.log").read_text()
 
 
-@pytest.mark.slow  # the fast suite runs a real multirun in tests/test_readme.py
+@pytest.mark.slow  # a real multirun: two CLI trainings
 def test_two_job_multirun_gives_each_job_its_own_run(run_cli, tmp_path: Path):
     sweep = tmp_path / "sweep"
     result = run_cli(
