@@ -119,7 +119,7 @@ def small_checkpoint(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 
             overrides = [
                 f"paths.output_dir={out}", f"paths.data_dir={mnist_dir}", "trainer=cpu", "data.batch_size=64",
-                "trainer.max_epochs=1", "+trainer.limit_train_batches=150", "+trainer.limit_val_batches=10",
+                "trainer.max_epochs=1", "+trainer.limit_train_batches=150", "+trainer.limit_val_batches=2",
                 "callbacks.progress_bar=null",
             ]  # fmt: skip
             reported.write_text(json.dumps(train(compose_config(overrides))))

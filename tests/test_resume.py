@@ -266,7 +266,7 @@ def test_a_finished_run_resumed_with_fewer_batches_an_epoch_replans_its_one_cycl
     """The attack review's traceback: a finished one-cycle run (8 steps planned, 8 done) resumed for a 2nd epoch of
     3 batches; Lightning's estimate (2 x 3 = 6) is below the steps done, and the schedule would be stepped past its
     end (torch's ValueError). It is re-planned over the steps this fit will take instead, and the run finishes."""
-    short = ["+trainer.limit_val_batches=2", "+trainer.limit_test_batches=1", "test=false", "logger=none"]
+    short = ["+trainer.limit_val_batches=2", "data.eval_batch_size=100", "test=false", "logger=none"]
     train(make_cfg("trainer.max_epochs=1", "+trainer.limit_train_batches=8", *short))
     caplog.set_level("INFO", logger="digit_lightning.module")
     train(make_cfg(f"ckpt_path={tmp_path}", "trainer.max_epochs=2", "+trainer.limit_train_batches=3", *short))
