@@ -68,9 +68,9 @@ def craft(good: Path, tmp: Path, name: str, hparams: dict) -> Path:
 
 
 @pytest.mark.parametrize("gadget", list(gadgets(Path("m"))))
-def test_crafted_checkpoint_runs_nothing(small_checkpoint, tmp_path: Path, gadget: str):
+def test_crafted_checkpoint_runs_nothing(base_run, tmp_path: Path, gadget: str):
     marker = tmp_path / "marker"
-    path = craft(small_checkpoint[0], tmp_path, gadget, gadgets(marker)[gadget])
+    path = craft(base_run / "checkpoints" / "last.ckpt", tmp_path, gadget, gadgets(marker)[gadget])
     try:
         model = load_checkpoint(path)
     except CheckpointError as e:
@@ -83,8 +83,8 @@ def test_crafted_checkpoint_runs_nothing(small_checkpoint, tmp_path: Path, gadge
     assert not marker.exists(), "a crafted checkpoint ran code"
 
 
-def test_weights_that_do_not_fit_are_refused_before_anything_is_built(small_checkpoint, make_cfg, tmp_path: Path):
-    checkpoint = torch.load(small_checkpoint[0], weights_only=True)
+def test_weights_that_do_not_fit_are_refused_before_anything_is_built(base_run, make_cfg, tmp_path: Path):
+    checkpoint = torch.load(base_run / "checkpoints" / "last.ckpt", weights_only=True)
     checkpoint["state_dict"]["net.fc1.weight"] = torch.zeros(3, 3)
     torch.save(checkpoint, tmp_path / "shape.ckpt")
     with pytest.raises(CheckpointError, match="weights do not fit the model it names.*wrong shape: net.fc1.weight"):
@@ -614,8 +614,11 @@ def test_the_dir_hydra_writes_into_is_refused_before_it_writes_when_it_holds_lin
     (run / link).symlink_to(tmp_path / "victim.txt")
     with pytest.raises(UserError, match=r" is a symbolic link; a run dir holding links"):
         guard(args(run))
+
+
+def test_the_dirs_hydra_writes_into_must_be_inside_the_run_or_sweep_dir(tmp_path: Path):
     with pytest.raises(UserError, match=r"hydra.output_subdir=/.*: must be a dir inside the run dir"):
-        guard([f"hydra.run.dir={tmp_path / 'new'}", f"hydra.output_subdir={run / '.hydra'}"])
+        guard([f"hydra.run.dir={tmp_path / 'new'}", f"hydra.output_subdir={tmp_path / 'run' / '.hydra'}"])
     with pytest.raises(UserError, match=r"hydra.sweep.subdir=../x: must be a relative dir inside the sweep dir"):
         guard(["hydra.mode=MULTIRUN", "hydra.sweep.subdir=../x"])
 
