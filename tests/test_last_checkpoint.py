@@ -45,11 +45,12 @@ def saved_at(ckpt: Path) -> tuple[int, int]:
 
 
 def scalar_steps(run: Path, tag: str) -> list[int]:
-    """The steps of `tag` over all events files of the run's one TensorBoard run."""
+    """The steps of `tag` over all events files of the run's one TensorBoard run, in the order they were logged (the
+    files are read in name order: two written by one process in the same second end in its counter, `.9` > `.10`)."""
     (tensorboard,) = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
     events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
     events.Reload()
-    return [e.step for e in events.Scalars(tag)]
+    return [e.step for e in sorted(events.Scalars(tag), key=lambda e: e.wall_time)]
 
 
 def test_last_ckpt_is_the_final_epoch_when_val_acc_never_improves(

@@ -233,7 +233,7 @@ def val_acc_events(run: Path) -> list[tuple[int, float]]:
     (tensorboard,) = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}  # one TensorBoard run
     events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
     events.Reload()
-    return [(e.step, e.value) for e in events.Scalars("val/acc")]
+    return [(e.step, e.value) for e in sorted(events.Scalars("val/acc"), key=lambda e: e.wall_time)]  # as logged
 
 
 def test_sigterm_mid_validation_resumes_into_that_validation(synthetic_dir: Path, tmp_path: Path):
