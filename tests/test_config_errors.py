@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, ValidationError
 
 from digit_lightning import schema
-from digit_lightning.cli import CONFIG_DIR, EXIT_USER_ERROR, compose_config, one_line
+from digit_lightning.cli import EXIT_USER_ERROR, compose_config, one_line
 from digit_lightning.config import ConfigError, type_error, validate_config
 from digit_lightning.train import train
 
@@ -133,15 +133,6 @@ def test_python_api_raises_config_error_before_building_anything(tmp_path: Path)
     with pytest.raises(ConfigError, match=r"^data.val_size=60000: must be an integer from 1 to 59999"):
         train(cfg)
     assert list(tmp_path.iterdir()) == []
-
-
-GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "debug", "experiment"]
-OPTIONS = [f"{g}={p.stem}" for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
-
-
-@pytest.mark.parametrize("option", OPTIONS)
-def test_every_shipped_option_passes_validation(option: str):
-    validate_config(compose_config(["paths.output_dir=/tmp/x", option]))
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from composition import compose
 from omegaconf import OmegaConf
 
 from digit_lightning.cli import CONFIG_DIR, compose_config, instantiate_group
+from digit_lightning.config import validate_config
 from digit_lightning.module import DigitClassifier
 
 GROUPS = ["data", "model", "trainer", "logger", "callbacks", "paths", "extras", "debug", "experiment", "hparams_search"]
@@ -25,12 +26,13 @@ def test_every_group_has_options():
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_option_composes_and_instantiates(make_cfg, group: str, option: str):
+def test_option_composes_validates_and_instantiates(make_cfg, group: str, option: str):
+    cfg = make_cfg(f"{group}={option}")
+    validate_config(cfg)  # every shipped option passes the checks a run makes before it builds anything
     if (group, option) in NEEDS_GPU and not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     if (group, option) in NEEDS_EXTRA:
         pytest.importorskip(NEEDS_EXTRA[group, option], reason="the `tracking` extra is not installed")
-    cfg = make_cfg(f"{group}={option}")
     assert isinstance(hydra.utils.instantiate(cfg.data), L.LightningDataModule)
     assert isinstance(hydra.utils.instantiate(cfg.model, _convert_="all"), DigitClassifier)
     trainer = hydra.utils.instantiate(
