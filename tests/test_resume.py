@@ -242,7 +242,7 @@ def test_sigterm_mid_validation_resumes_into_that_validation(synthetic_dir: Path
     and then goes on exactly as an uninterrupted run, the EMA's average and raw weights the right way round."""
     data = ["trainer=cpu", f"paths.data_dir={synthetic_dir}", *SYNTHETIC_OVERRIDES, "data.batch_size=64",
             "data.eval_batch_size=64", "+trainer.limit_train_batches=8", "+trainer.limit_val_batches=3"]  # fmt: skip
-    overrides = ["trainer.max_epochs=3", "callbacks=ema", "callbacks.progress_bar=null"]
+    overrides = ["trainer.max_epochs=3", "callbacks=ema", "callbacks.progress_bar=null", "callbacks.dashboards=null"]
     straight = run_in(tmp_path / "straight", *overrides, data=data)
 
     run = tmp_path / "run"
