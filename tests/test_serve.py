@@ -64,11 +64,11 @@ class Server:
         self.process.wait(timeout=60)
 
 
-class InProcess(Server):
+class InProcess:
     """The app a server process runs (`serve_worker`'s model and `create_app`), answered in this process through
     Starlette's TestClient: the same requests and answers as `Server`'s, without a process start (seconds)."""
 
-    def __init__(self, *overrides: str) -> None:  # noqa: D107  (not Server's: no process)
+    def __init__(self, *overrides: str) -> None:
         from fastapi.testclient import TestClient
 
         from digit_lightning.serve import check_settings, create_app, describe
@@ -81,11 +81,15 @@ class InProcess(Server):
         self.client.__enter__()  # runs the app's lifespan: its batcher
 
     def request(self, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> tuple[int, dict | str]:
+        """One request: the status, and the JSON answer (or the text, for a page)."""
         response = self.client.request(method, path, content=body, headers=headers or {})
         is_json = response.headers.get("content-type", "").startswith("application/json")
         return response.status_code, response.json() if is_json else response.text
 
+    post = Server.post  # the same bodies and headers, through this class's `request`
+
     def stop(self) -> None:
+        """End the app's lifespan (its batcher)."""
         self.client.__exit__(None, None, None)
 
 
@@ -111,7 +115,7 @@ def multipart(field: str, data: bytes, filename: str = "digit.png") -> tuple[byt
 
 
 @pytest.fixture(scope="module")
-def server(small_checkpoint) -> Iterator[Server]:
+def server(small_checkpoint) -> Iterator[InProcess]:
     """The app on the small checkpoint, in process, for the module's fast tests."""
     running = InProcess(f"ckpt_path={small_checkpoint[0]}")
     yield running
