@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from composition import compose
+from events import logged
 from omegaconf import OmegaConf
 from synthetic import SYNTHETIC_OVERRIDES
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -45,12 +46,8 @@ def saved_at(ckpt: Path) -> tuple[int, int]:
 
 
 def scalar_steps(run: Path, tag: str) -> list[int]:
-    """The steps of `tag` over all events files of the run's one TensorBoard run, in the order they were logged (the
-    files are read in name order: two written by one process in the same second end in its counter, `.9` > `.10`)."""
-    (tensorboard,) = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}
-    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
-    events.Reload()
-    return [e.step for e in sorted(events.Scalars(tag), key=lambda e: e.wall_time)]
+    """The steps of `tag` in the run's one TensorBoard run, in the order they were logged."""
+    return [e.step for e in logged(run, tag)]
 
 
 def test_last_ckpt_is_the_final_epoch_when_val_acc_never_improves(

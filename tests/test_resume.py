@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 from composition import compose
+from events import logged
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import OmegaConf
 from synthetic import SYNTHETIC_OVERRIDES
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from digit_lightning import checkpoint
 from digit_lightning.checkpoint import AtomicCheckpointIO
@@ -214,9 +214,7 @@ def test_sigterm_saves_a_checkpoint_that_resumes_into_the_same_run(mnist_dir: Pa
     assert json.loads((run / "metrics.json").read_text())["global_step"] == 450
     assert OmegaConf.load(run / ".hydra" / "config.yaml").trainer.max_epochs == 3  # the next resume knows
 
-    events = EventAccumulator(str(run / "tensorboard"))  # one TensorBoard run, written by all three processes
-    events.Reload()
-    assert [e.step for e in events.Scalars("val/acc")] == [149, 299, 449]
+    assert [e.step for e in logged(run, "val/acc")] == [149, 299, 449]  # one TensorBoard run, three processes
     writers = {p.name.split(".")[-2] for p in (run / "tensorboard").glob("events.out.tfevents.*")}  # by pid
     assert len(writers) == 3  # a finished process also writes its whole_run summary file
 
@@ -230,10 +228,7 @@ class SigtermMidValidation(L.Callback):
 
 
 def val_acc_events(run: Path) -> list[tuple[int, float]]:
-    (tensorboard,) = {p.parent for p in (run / "tensorboard").rglob("events.out.tfevents.*")}  # one TensorBoard run
-    events = EventAccumulator(str(tensorboard), size_guidance={"scalars": 0})
-    events.Reload()
-    return [(e.step, e.value) for e in sorted(events.Scalars("val/acc"), key=lambda e: e.wall_time)]  # as logged
+    return [(e.step, e.value) for e in logged(run, "val/acc")]
 
 
 def test_sigterm_mid_validation_resumes_into_that_validation(synthetic_dir: Path, tmp_path: Path):
