@@ -234,7 +234,8 @@ def test_quick_start_predicts_in_process(project, monkeypatch: pytest.MonkeyPatc
         args = shlex.split(command, comments=True)[3:]
         assert predict(compose_config(args, config_name="predict")) == 0, capsys.readouterr().err
         out = capsys.readouterr().out
-        names = [Path(i).name for a in args if a.startswith("inputs=") for i in a[8:-1].split(",")]
+        inputs = [a.removeprefix("inputs=[").removesuffix("]") for a in args if a.startswith("inputs=")]
+        names = [Path(i).name for listed in inputs for i in listed.split(",")]
         assert names and all(name in out for name in names), out
 
 
