@@ -25,7 +25,12 @@ def test_every_group_has_options():
     assert {g for g, _ in OPTIONS} == set(GROUPS)
 
 
-@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+@pytest.mark.parametrize(
+    ("group", "option"),
+    # Building MLflow's and W&B's loggers imports them (3.5 s): slow, as test_tracking's runs with them
+    [pytest.param(g, o, marks=pytest.mark.slow) if (g, o) in NEEDS_EXTRA else (g, o) for g, o in OPTIONS],
+    ids=[f"{g}={o}" for g, o in OPTIONS],
+)
 def test_option_composes_validates_and_instantiates(make_cfg, group: str, option: str):
     cfg = make_cfg(f"{group}={option}")
     validate_config(cfg)  # every shipped option passes the checks a run makes before it builds anything
@@ -39,6 +44,18 @@ def test_option_composes_validates_and_instantiates(make_cfg, group: str, option
         cfg.trainer, callbacks=instantiate_group(cfg.get("callbacks")), logger=instantiate_group(cfg.get("logger"))
     )
     assert isinstance(trainer, L.Trainer)
+
+
+TRACKING_LOGGERS = {"mlflow": {"MLFlowLogger"}, "wandb": {"WandbLogger"}, "many": {"TensorBoardLogger", "MLFlowLogger"}}
+
+
+@pytest.mark.parametrize("option", sorted(TRACKING_LOGGERS))
+def test_tracking_options_compose_and_validate(make_cfg, option: str):
+    """The fast half of the slow cases above: MLflow's and W&B's options compose and pass a run's checks."""
+    cfg = make_cfg(f"logger={option}")
+    validate_config(cfg)
+    built = {node._target_.rsplit(".", 1)[-1] for node in cfg.logger.values()}
+    assert built == TRACKING_LOGGERS[option]
 
 
 @pytest.mark.parametrize(

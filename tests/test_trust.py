@@ -20,7 +20,7 @@ import yaml
 from composition import compose
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from digit_lightning import CONFIG_DIR
 from digit_lightning.checkpoint import AtomicCheckpointIO, CheckpointError, load_checkpoint
@@ -585,10 +585,11 @@ TYPED_DIRS = {  # how a command line can name the dir Hydra writes into: (the ar
 }
 
 
-def guard(args: list[str]) -> None:
-    """What Hydra's run or multirun does first with the config it composed: RunDirGuard's check, its one `error:`
-    line (it exits: Hydra would turn an exception into a warning) raised here as the UserError it says."""
-    cfg = compose_config(args, return_hydra_config=True)
+def guard(args: list[str] | DictConfig) -> None:
+    """What Hydra's run or multirun does first with the config it composed (`args`: the overrides, or that config):
+    RunDirGuard's check, its one `error:` line (it exits: Hydra would turn an exception into a warning) raised here
+    as the UserError it says."""
+    cfg = args if isinstance(args, DictConfig) else compose_config(args, return_hydra_config=True)
     multirun = OmegaConf.select(cfg, "hydra.mode") == RunMode.MULTIRUN
     before = HydraConfig.instance().cfg  # the guard sets Hydra's config, as Hydra's run does: put it back
     with contextlib.redirect_stderr(io.StringIO()) as err:
@@ -608,12 +609,13 @@ def test_the_dir_hydra_writes_into_is_refused_before_it_writes_when_it_holds_lin
     of the config Hydra resolved, before it writes, however they were named (typed, interpolated, a dict, flags)."""
     run = planted_run(base_run / "checkpoints" / "last.ckpt", tmp_path, lambda cfg, overrides: None)
     args, link = TYPED_DIRS[how]
-    guard(args(run))  # no link yet: fine
+    cfg = compose_config(args(run), return_hydra_config=True)  # one config, checked before and after the link
+    guard(cfg)  # no link yet: fine
     (run / link).parent.mkdir(parents=True, exist_ok=True)
     (run / link).unlink(missing_ok=True)
     (run / link).symlink_to(tmp_path / "victim.txt")
     with pytest.raises(UserError, match=r" is a symbolic link; a run dir holding links"):
-        guard(args(run))
+        guard(cfg)
 
 
 def test_the_dirs_hydra_writes_into_must_be_inside_the_run_or_sweep_dir(tmp_path: Path):
