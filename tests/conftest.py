@@ -3,6 +3,7 @@ composed configs pointing at tmp dirs."""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
@@ -130,3 +131,40 @@ def small_checkpoint(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
 def make_photo():
     """`paper_photo` for tests: turn an MNIST digit into a large, off-centre, dark-on-light RGB picture."""
     return paper_photo
+
+
+# --- The order files run in: the longest first, so that `pytest -n` workers finish together ---
+# pytest-xdist's `--dist loadfile` hands out whole files, by default those with the most tests first; a file of few
+# but long tests then started last and kept one worker busy ~3 s after the other had finished. `make test` turns that
+# order off (`--no-loadscope-reorder`) and the workers collect in this one instead: the longest files of the last run
+# of the same `-m` first (their seconds kept in pytest's cache, .pytest_cache/), files not timed yet before them.
+file_seconds: collections.Counter[str] = collections.Counter()  # this run's, from every test's reports
+
+
+def _seconds_key(config: pytest.Config) -> str:
+    return "digit_lightning/file_seconds/" + (config.option.markexpr or "all").replace(" ", "_")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cache = getattr(config, "cache", None)  # none with `-p no:cacheprovider`
+    if not hasattr(config, "workerinput") or not cache:  # only a pytest-xdist worker's collection is scheduled
+        return
+    seconds = cache.get(_seconds_key(config), {})
+    tests = collections.Counter(item.nodeid.split("::")[0] for item in items)
+
+    def longest_first(item: pytest.Item) -> tuple:
+        file = item.nodeid.split("::")[0]
+        return file in seconds, -seconds.get(file, 0.0), -tests[file]
+
+    items.sort(key=longest_first)  # stable: a file's tests keep their order, and every worker collects the same
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    file_seconds[report.nodeid.split("::")[0]] += report.duration  # the workers' reports reach the main process too
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    cache = getattr(session.config, "cache", None)
+    if cache and file_seconds and not hasattr(session.config, "workerinput"):  # the main process writes them
+        key = _seconds_key(session.config)
+        cache.set(key, {**cache.get(key, {}), **file_seconds})
