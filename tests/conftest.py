@@ -4,6 +4,7 @@ composed configs pointing at tmp dirs."""
 from __future__ import annotations
 
 import collections
+import gc
 import json
 import os
 import subprocess
@@ -157,6 +158,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return file in seconds, -seconds.get(file, 0.0), -tests[file]
 
     items.sort(key=longest_first)  # stable: a file's tests keep their order, and every worker collects the same
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What the imports built (torch, Lightning, Hydra, the tests: ~750,000 objects) lives as long as the session; out of
+    # the collector's sight, its full collections (a dozen a worker) stop walking all of it each time: 2-3 s a worker
+    gc.freeze()
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
