@@ -24,7 +24,7 @@ data: install
 train: data  ## the tutorial's settings: Digit CNN, Adam, batch 16, 10 epochs
 	$(PY) -m digit_lightning.train $(ARGS)
 
-test: install data  ## the fast suite: in process, on synthetic digits and a few real-MNIST slices (~65 s on 2 cores)
+test: install data  ## the fast suite: in process, on synthetic digits and a few real-MNIST slices (~56 s on 2 cores)
 	$(PY) -m pytest -m "not slow" -n auto --dist loadfile --no-loadscope-reorder $(ARGS)
 
 test-full: install data  ## everything, as CI runs it (slow tests included; SLURM tests need `make slurm-up`)

@@ -69,7 +69,7 @@ def many_run(synthetic_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> t
     return cfg, metrics, client, only_run(client), tmp_path
 
 
-@pytest.mark.slow  # MLflow's store and W&B's service start take seconds; test_configs builds both loggers fast
+@pytest.mark.slow  # MLflow's store and W&B's service start take seconds; test_configs composes their options fast
 def test_mlflow_run_reads_back_with_curves_params_artifacts_and_a_model(many_run):
     cfg, metrics, client, run, tmp_path = many_run
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
@@ -119,7 +119,7 @@ def scalar_tags(run_dir: Path) -> set[str]:
     return set(events.Tags()["scalars"])
 
 
-@pytest.mark.slow  # MLflow's store and W&B's service start take seconds; test_configs builds both loggers fast
+@pytest.mark.slow  # MLflow's store and W&B's service start take seconds; test_configs composes their options fast
 def test_many_logs_to_tensorboard_and_mlflow_under_the_same_names(many_run):
     _, _, client, run, tmp_path = many_run
     tensorboard = scalar_tags(tmp_path / "tensorboard")
@@ -174,7 +174,7 @@ def wandb_records(run_dir: Path) -> tuple[list[dict], dict, dict]:
     return history, config, summary
 
 
-@pytest.mark.slow  # MLflow's store and W&B's service start take seconds; test_configs builds both loggers fast
+@pytest.mark.slow  # MLflow's store and W&B's service start take seconds; test_configs composes their options fast
 def test_wandb_offline_run_reads_back_from_its_files(synthetic_cfg, tmp_path: Path):
     pytest.importorskip("wandb", reason="the `tracking` extra is not installed")
     cfg = synthetic_cfg(*TINY, "logger=wandb")
