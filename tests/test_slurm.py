@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from events import logged
 
 pytestmark = pytest.mark.slow
 
@@ -92,13 +92,6 @@ def job_state(job_id: str) -> str:
     return subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
 
 
-def scalars(tensorboard_dir: Path, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of every `tag` event in all event files of one TensorBoard run dir, in file order."""
-    accumulator = EventAccumulator(str(tensorboard_dir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return [(e.step, e.value) for e in accumulator.Scalars(tag)]
-
-
 def tb_run(run: Path) -> Path:
     """The run's one TensorBoard run dir (a sweep job's is named by its overrides, inside `tensorboard/`): all the
     event files of the run, resumed parts included, must be in one dir."""
@@ -107,9 +100,10 @@ def tb_run(run: Path) -> Path:
     return dirs.pop()
 
 
-def epochs_logged(tensorboard_dir: Path, tag: str, steps_per_epoch: int) -> list[int]:
-    """The epoch (from 1) of each `tag` event, from its step (an epoch's end is logged at its last step or the next)."""
-    return [round(step / steps_per_epoch) for step, _ in scalars(tensorboard_dir, tag)]
+def epochs_logged(run: Path, tag: str, steps_per_epoch: int) -> list[int]:
+    """The epoch (from 1) of each `tag` event of the run, as logged, from its step (an epoch's end is logged at its
+    last step or the next)."""
+    return [round(e.step / steps_per_epoch) for e in logged(run, tag)]
 
 
 def cli_env(mnist_dir: Path) -> dict[str, str]:
@@ -131,7 +125,8 @@ def test_slurm_sweep_runs_one_job_per_setting(slurm_cluster, run_cli, tmp_path: 
         metrics = json.loads((run / "metrics.json").read_text())
         assert (metrics["epoch"], metrics["global_step"]) == (2, 40)
         assert metrics["test/acc"] > 0.5  # 40 steps of Adam learn the digits well past chance (0.1)
-        assert epochs_logged(tb_run(run), "val/acc", 20) == [1, 2]
+        tb_run(run)  # one TensorBoard run
+        assert epochs_logged(run, "val/acc", 20) == [1, 2]
         assert (run / "checkpoints" / "last.ckpt").is_file()
     jobs = slurm_job_ids(sweep)
     assert len(jobs) == 2, jobs
@@ -183,8 +178,8 @@ def test_requeued_job_resumes_where_it_stopped(slurm_cluster, mnist_dir: Path, t
     # One TensorBoard run: event files from both runs of the job in one dir, each epoch's validation in it once
     tensorboard = tb_run(run)  # one TensorBoard run
     assert len(list(tensorboard.glob("events.out.tfevents.*"))) >= 2
-    assert epochs_logged(tensorboard, "val/acc", 50) == [1, 2, 3]
-    assert epochs_logged(tensorboard, "train/loss", 50) == [1, 2, 3]
+    assert epochs_logged(run, "val/acc", 50) == [1, 2, 3]
+    assert epochs_logged(run, "train/loss", 50) == [1, 2, 3]
 
 
 def test_torchrun_two_cpu_ranks_share_one_run_dir(run_cli, tmp_path: Path):
@@ -204,8 +199,8 @@ def test_torchrun_two_cpu_ranks_share_one_run_dir(run_cli, tmp_path: Path):
     # DistributedSampler: each rank takes its 20 batches a epoch from its own half of the training set
     assert (metrics["epoch"], metrics["global_step"]) == (2, 40)
     assert metrics["test/acc"] > 0.5
-    tensorboard = tb_run(run)  # one TensorBoard run, not one per rank
-    assert epochs_logged(tensorboard, "val/acc", 20) == [1, 2]
+    tb_run(run)  # one TensorBoard run, not one per rank
+    assert epochs_logged(run, "val/acc", 20) == [1, 2]
 
 
 @pytest.mark.slurm
